@@ -1,0 +1,47 @@
+"""The ``pdt`` command: ``pdt budget``, ``pdt generate``; each subcommand lives with the code it drives."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from .budget import meta_budget, print_budget
+    from .modeling import PDTForCausalLM, parameter_budget
+
+    rows = {}
+    for name in args.trunk_size or []:
+        rows[name] = meta_budget(name)
+    if args.model is not None or not rows:
+        model = PDTForCausalLM.from_pretrained(args.model)
+        rows[args.model or "embedded SmolLM2-135M-Instruct"] = parameter_budget(model.sidecar, model.trunk)
+    print_budget(rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdt", description="Parallel Decoder Transformer sidecars for HF causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    budget = sub.add_parser("budget", help="print the sidecar's parameter count and its share of the trunk")
+    budget.add_argument("--model", default=None, help="trunk id or path (default: the embedded SmolLM2)")
+    budget.add_argument(
+        "--trunk-size", action="append", choices=["smollm2-135m", "qwen2.5-7b"],
+        help="also count on a trunk of this published size, built on the meta device (repeatable)",
+    )
+    budget.set_defaults(func=_budget)
+
+    from .generation.cli import add_generate_parser
+
+    add_generate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

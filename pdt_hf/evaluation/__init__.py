@@ -1,0 +1,46 @@
+"""Evaluation: the metrics of DESIGN.md ("Metrics"), their confidence intervals, and the sentence encoder.
+
+- ``metrics``: serial fidelity, redundancy (embedding + repeated 4-grams), text coverage, rollback
+  rate, speedup, step-cost ratio, note-bus overhead, agreement-head calibration.
+- ``stats``: percentile bootstrap intervals, plain and paired.
+- ``embeddings``: the offline all-MiniLM-L6-v2 encoder (``sentence_transformers`` is imported only
+  when an encoder is loaded).
+"""
+
+from pdt_hf.evaluation.embeddings import default_encoder_path, load_sentence_encoder
+from pdt_hf.evaluation.metrics import (
+    calibration,
+    coverage_text,
+    embedding_redundancy,
+    note_bus_overhead,
+    redundancy,
+    repeated_ngram_rate,
+    rollback_rate,
+    serial_fidelity,
+    serial_fidelity_batch,
+    speedup,
+    split_sentences,
+    step_cost_ratio,
+    text_covered_items,
+)
+from pdt_hf.evaluation.stats import bootstrap_ci, paired_difference
+
+__all__ = [
+    "bootstrap_ci",
+    "calibration",
+    "coverage_text",
+    "default_encoder_path",
+    "embedding_redundancy",
+    "load_sentence_encoder",
+    "note_bus_overhead",
+    "paired_difference",
+    "redundancy",
+    "repeated_ngram_rate",
+    "rollback_rate",
+    "serial_fidelity",
+    "serial_fidelity_batch",
+    "speedup",
+    "split_sentences",
+    "step_cost_ratio",
+    "text_covered_items",
+]

@@ -1,0 +1,245 @@
+"""``PDTForCausalLM``: a frozen causal LM with PDT sidecars attached by forward hooks.
+
+Design decisions:
+- The wrapper is an ``nn.Module`` holding ``trunk`` (the user's model, weights
+  frozen) and ``sidecar`` (every trainable parameter), like ``PeftModel``.
+  Unknown attributes fall through to the trunk (``model.config``, ...).
+- Sidecars enter the trunk only through :class:`~pdt_hf.trunk.hooks.SidecarHooks`
+  on the real decoder layers; ``unload()`` removes them and returns the bare,
+  untouched trunk.
+- ``forward`` runs the trunk's base model once, applies the trunk's own
+  ``lm_head`` (so logits are bit-identical to the bare trunk's when the
+  sidecar is at init), and reads the heads off the last hidden state.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .checkpoint import load_sidecar_weights, save_sidecar
+from .config import PDTConfig
+from .sidecars.context import DenseNotes, PackedNotes, SidecarContext
+from .sidecars.heads.layer import masked_mean
+from .sidecars.model import PDTSidecar
+from .trunk.architectures import base_model, trunk_dims
+from .trunk.hooks import SidecarHooks
+from .trunk.loading import load_trunk
+
+
+@dataclass
+class PDTOutput(ModelOutput):
+    """Output of :meth:`PDTForCausalLM.forward`.
+
+    ``logits`` ``[N, T, V]``; ``hidden_states`` last hidden state ``[N, T, d]``; ``note`` notes-head summary
+    of the (masked) sequence ``[N, d_note]``; ``speculated_note`` ``[N, d_note]``; ``planner_note``
+    ``[N, d_note]``; ``coverage_logits`` ``[N, P]`` when ``plan_notes`` is given; ``agreement_logits`` ``[N]``.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    past_key_values: object | None = None
+    note: torch.Tensor | None = None
+    speculated_note: torch.Tensor | None = None
+    planner_note: torch.Tensor | None = None
+    coverage_logits: torch.Tensor | None = None
+    agreement_logits: torch.Tensor | None = None
+
+
+def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: ``logits[:, :-1]`` predict ``labels[:, 1:]``; label -100 is ignored."""
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
+
+
+class PDTForCausalLM(nn.Module):
+    """A frozen causal LM plus PDT sidecars (adapters, SNC, heads)."""
+
+    def __init__(self, trunk: PreTrainedModel, config: PDTConfig | None = None) -> None:
+        super().__init__()
+        config = (config or PDTConfig()).resolve(trunk.config)
+        hidden_size, _ = trunk_dims(trunk.config)
+        self.trunk = trunk
+        self.pdt_config = config
+        param = next(trunk.parameters())
+        dtype = param.dtype if param.is_floating_point() else torch.float32
+        self.sidecar = PDTSidecar(config, hidden_size).to(device=param.device, dtype=dtype)
+        for p in self.trunk.parameters():
+            p.requires_grad_(False)
+        self.hooks = SidecarHooks(trunk, self.sidecar, config.instrumented_layers).attach()
+
+    # ------------------------------------------------------------------ construction and I/O
+    @classmethod
+    def from_pretrained(
+        cls,
+        trunk_or_id: PreTrainedModel | str | os.PathLike | None = None,
+        sidecar: str | os.PathLike | None = None,
+        config: PDTConfig | None = None,
+        *,
+        revision: str | None = None,
+        **trunk_kwargs: object,
+    ) -> PDTForCausalLM:
+        """Attach sidecars to a trunk.
+
+        Args:
+            trunk_or_id: a loaded model (e.g. 4-bit), a Hub id, a local path, or None for the embedded SmolLM2
+                (or, when ``sidecar`` is given, the trunk its ``pdt_config.json`` names).
+            sidecar: directory written by :meth:`save_pretrained`; its config and weights are loaded.
+            config: a fresh :class:`PDTConfig` (ignored when ``sidecar`` is given).
+            trunk_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``torch_dtype``, ...).
+        """
+        if sidecar is not None:
+            config = PDTConfig.from_pretrained(sidecar)
+            if trunk_or_id is None:
+                trunk_or_id = config.base_model_name_or_path
+                revision = revision or config.revision
+        if isinstance(trunk_or_id, PreTrainedModel):
+            trunk, name = trunk_or_id, getattr(trunk_or_id, "name_or_path", None)
+        else:
+            trunk, name = load_trunk(trunk_or_id, revision=revision, **trunk_kwargs)
+        config = config or PDTConfig()
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = name
+            config.revision = revision
+        model = cls(trunk, config)
+        if sidecar is not None:
+            model.load_sidecar(sidecar)
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``pdt_config.json`` and ``sidecar.safetensors`` (sidecar weights only) atomically."""
+        save_sidecar(save_directory, self.pdt_config.to_json_string(), self.sidecar.state_dict())
+
+    def load_sidecar(self, directory: str | os.PathLike) -> None:
+        """Load sidecar weights saved for this trunk; a fingerprint mismatch names the differing field."""
+        PDTConfig.from_pretrained(directory).resolve(self.trunk.config)
+        tensors = load_sidecar_weights(directory, self.sidecar.state_dict())
+        self.sidecar.load_state_dict(tensors, strict=True)
+
+    # ------------------------------------------------------------------ sidecar switching
+    def unload(self) -> PreTrainedModel:
+        """Remove the hooks for good and return the bare trunk (weights untouched)."""
+        self.hooks.detach()
+        self.sidecar.context = None
+        return self.trunk
+
+    @contextmanager
+    def disable_sidecars(self) -> Iterator[None]:
+        """Run the bare trunk inside the block (like ``PeftModel.disable_adapter``)."""
+        with self.hooks.detached():
+            yield
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable the trunk's checkpointing; non-reentrant by default so sidecar grads flow past frozen inputs."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "trunk":
+                raise
+            return getattr(self.trunk, name)
+
+    # ------------------------------------------------------------------ forward
+    def set_context(
+        self, stream_ids: torch.Tensor | None, batch_size: int, notes: DenseNotes | PackedNotes | None, device
+    ) -> SidecarContext:
+        """Install the per-call context the hooks read (kept until the next call; see ``sidecars.context``)."""
+        if stream_ids is None:
+            stream_ids = torch.zeros(batch_size, dtype=torch.long, device=device)
+        stream_ids = torch.as_tensor(stream_ids, dtype=torch.long, device=device)
+        if stream_ids.ndim != 1 or stream_ids.shape[0] != batch_size:
+            raise ValueError(f"stream_ids must have shape [{batch_size}], got {tuple(stream_ids.shape)}.")
+        if stream_ids.numel() and (int(stream_ids.min()) < 0 or int(stream_ids.max()) >= self.pdt_config.num_streams):
+            raise ValueError(
+                f"stream_ids {stream_ids.tolist()} out of range: this sidecar has num_streams="
+                f"{self.pdt_config.num_streams} (ids 0..{self.pdt_config.num_streams - 1})."
+            )
+        self.sidecar.context = SidecarContext(stream_ids=stream_ids, notes=notes)
+        return self.sidecar.context
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        stream_ids: torch.Tensor | None = None,
+        notes: DenseNotes | PackedNotes | None = None,
+        labels: torch.Tensor | None = None,
+        plan_notes: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: object,
+    ) -> PDTOutput:
+        """Trunk forward with sidecars.
+
+        Args:
+            input_ids: ``[N, T]``; stream_ids: ``[N]`` stream of each row (default: all 0);
+            notes: the notes each row may read (:class:`DenseNotes` or :class:`PackedNotes`), or None;
+            labels: ``[N, T]`` LM labels (shifted inside, -100 ignored); plan_notes: ``[N, P, d_note]``.
+        """
+        ref = input_ids if input_ids is not None else inputs_embeds
+        self.set_context(stream_ids, ref.shape[0], notes, ref.device)
+        outputs = base_model(self.trunk)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # [N, T, d]
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.trunk.get_output_embeddings()(hidden[:, keep])  # [N, T', V]
+        loss = shifted_lm_loss(logits, labels) if labels is not None else None
+
+        heads = self.sidecar.heads
+        mask = attention_mask.bool() if attention_mask is not None and attention_mask.ndim == 2 else None
+        ctx = self.sidecar.context
+        note = heads.notes(hidden, mask)
+        pooled = masked_mean(hidden, mask)
+        coverage_logits = heads.coverage(note, plan_notes) if plan_notes is not None else None
+        own_coverage = coverage_logits.sigmoid().max(-1).values if coverage_logits is not None else note.new_zeros(note.shape[0])
+        if isinstance(notes, DenseNotes):
+            _, valid, _ = notes.resolved(1)
+            w = valid.to(notes.notes.dtype).unsqueeze(-1)  # [N, M, 1]
+            summary = (notes.notes * w).sum(1) / w.sum(1).clamp(min=1.0)
+        else:
+            summary = torch.zeros_like(note)
+        return PDTOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=hidden,
+            past_key_values=outputs.past_key_values,
+            note=note,
+            speculated_note=heads.speculation(note),
+            planner_note=heads.planner(hidden, mask, ctx.stream_ids),
+            coverage_logits=coverage_logits,
+            agreement_logits=heads.agreement(pooled, summary, own_coverage, note),
+        )
+
+    # ------------------------------------------------------------------ accounting
+    def sidecar_budget(self) -> dict[str, float]:
+        """Parameter counts of the sidecar and trunk and the sidecar's share of the trunk."""
+        return parameter_budget(self.sidecar, self.trunk)
+
+
+def parameter_budget(sidecar: nn.Module, trunk: nn.Module) -> dict[str, float]:
+    families = {name: sum(p.numel() for p in module.parameters()) for name, module in sidecar.named_children()}
+    total = sum(families.values())
+    trunk_params = sum(p.numel() for p in trunk.parameters())
+    return {"sidecar": total, "trunk": trunk_params, "share": total / trunk_params, **families}

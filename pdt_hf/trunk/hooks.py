@@ -1,0 +1,71 @@
+"""Forward hooks that add the sidecar's deltas to the trunk's real decoder layers.
+
+Hooks are registered on the objects inside the trunk's own ``nn.ModuleList``
+(never on a copied list), and one :class:`SidecarHooks` object owns their
+handles: ``detach()`` removes every one, and using it as a context manager
+removes them in ``finally``. Decoder layers in transformers 5.x return a
+tensor; a tuple output (older layers, MoE router logits) keeps its tail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .architectures import decoder_layers
+
+
+class SidecarHooks:
+    """Owns the forward hooks that apply ``sidecar.layer_delta`` to instrumented layers."""
+
+    def __init__(self, trunk: nn.Module, sidecar: nn.Module, layer_indices: list[int]) -> None:
+        self.trunk = trunk
+        self.sidecar = sidecar
+        self.layer_indices = list(layer_indices)
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> SidecarHooks:
+        if self.attached:
+            return self
+        layers = decoder_layers(self.trunk)
+        for idx in self.layer_indices:
+            self._handles.append(layers[idx].register_forward_hook(self._make_hook(idx)))
+        return self
+
+    def detach(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _make_hook(self, layer_idx: int):
+        sidecar = self.sidecar
+
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
+            if isinstance(output, tuple):
+                return (sidecar.layer_delta(layer_idx, output[0]), *output[1:])
+            return sidecar.layer_delta(layer_idx, output)
+
+        return hook
+
+    @contextmanager
+    def detached(self) -> Iterator[None]:
+        """Run the bare trunk inside the block; hooks come back afterwards even on error."""
+        was_attached = self.attached
+        self.detach()
+        try:
+            yield
+        finally:
+            if was_attached:
+                self.attach()
+
+    def __enter__(self) -> SidecarHooks:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()

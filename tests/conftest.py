@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random trunks built from configs (never downloaded).
+
+Tiny sizes (2 layers, hidden 64, 4 heads, 2 KV heads, vocab 128) stand in for
+the real ones, e.g. SmolLM2-135M: 30 layers, hidden 576, 9 heads, 3 KV heads,
+vocab 49152; Qwen2.5-7B: 28 layers, hidden 3584, 28 heads, 4 KV heads, vocab 152064.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**TINY),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY),
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=16),
+    "mistral": lambda: transformers.MistralConfig(**TINY),
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **{**TINY, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16
+    ),
+}
+
+
+def tiny_trunk(model_type: str = "llama", seed: int = 0, **overrides: object) -> transformers.PreTrainedModel:
+    """A randomly initialised 2-layer trunk of ``model_type`` in fp32, eval mode."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[model_type]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.fixture
+def llama_trunk() -> transformers.PreTrainedModel:
+    return tiny_trunk("llama")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in gpu_items:
+            item.add_marker(skip)

@@ -15,8 +15,8 @@ Design decisions:
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,8 @@ from .sidecars.heads.layer import masked_mean
 from .sidecars.model import PDTSidecar
 from .trunk.architectures import base_model, trunk_dims
 from .trunk.hooks import SidecarHooks
-from .trunk.loading import load_trunk
+from .trunk.loading import load_tokenizer, load_trunk
+from .generation.api import multi_stream_generate, register_owner
 
 
 @dataclass
@@ -76,6 +77,8 @@ class PDTForCausalLM(nn.Module):
         for p in self.trunk.parameters():
             p.requires_grad_(False)
         self.hooks = SidecarHooks(trunk, self.sidecar, config.instrumented_layers).attach()
+        self.tokenizer = None
+        register_owner(trunk, self)
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod
@@ -102,15 +105,18 @@ class PDTForCausalLM(nn.Module):
             if trunk_or_id is None:
                 trunk_or_id = config.base_model_name_or_path
                 revision = revision or config.revision
+        tokenizer = None
         if isinstance(trunk_or_id, PreTrainedModel):
             trunk, name = trunk_or_id, getattr(trunk_or_id, "name_or_path", None)
         else:
             trunk, name = load_trunk(trunk_or_id, revision=revision, **trunk_kwargs)
+            tokenizer = load_tokenizer(trunk_or_id, revision=revision) if trunk_or_id is not None else load_tokenizer()
         config = config or PDTConfig()
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = name
             config.revision = revision
         model = cls(trunk, config)
+        model.tokenizer = tokenizer
         if sidecar is not None:
             model.load_sidecar(sidecar)
         return model
@@ -153,7 +159,12 @@ class PDTForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def set_context(
-        self, stream_ids: torch.Tensor | None, batch_size: int, notes: DenseNotes | PackedNotes | None, device
+        self,
+        stream_ids: torch.Tensor | None,
+        batch_size: int,
+        notes: DenseNotes | PackedNotes | None,
+        device: torch.device,
+        token_mask: torch.Tensor | None = None,
     ) -> SidecarContext:
         """Install the per-call context the hooks read (kept until the next call; see ``sidecars.context``)."""
         if stream_ids is None:
@@ -166,7 +177,7 @@ class PDTForCausalLM(nn.Module):
                 f"stream_ids {stream_ids.tolist()} out of range: this sidecar has num_streams="
                 f"{self.pdt_config.num_streams} (ids 0..{self.pdt_config.num_streams - 1})."
             )
-        self.sidecar.context = SidecarContext(stream_ids=stream_ids, notes=notes)
+        self.sidecar.context = SidecarContext(stream_ids=stream_ids, notes=notes, token_mask=token_mask)
         return self.sidecar.context
 
     def forward(
@@ -177,11 +188,13 @@ class PDTForCausalLM(nn.Module):
         notes: DenseNotes | PackedNotes | None = None,
         labels: torch.Tensor | None = None,
         plan_notes: torch.Tensor | None = None,
+        sidecar_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: object | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        compute_heads: bool = True,
         **kwargs: object,
     ) -> PDTOutput:
         """Trunk forward with sidecars.
@@ -189,10 +202,15 @@ class PDTForCausalLM(nn.Module):
         Args:
             input_ids: ``[N, T]``; stream_ids: ``[N]`` stream of each row (default: all 0);
             notes: the notes each row may read (:class:`DenseNotes` or :class:`PackedNotes`), or None;
-            labels: ``[N, T]`` LM labels (shifted inside, -100 ignored); plan_notes: ``[N, P, d_note]``.
+            labels: ``[N, T]`` LM labels (shifted inside, -100 ignored); plan_notes: ``[N, P, d_note]``;
+            sidecar_mask: ``[N, T]`` bool, sidecar deltas apply only where true (e.g. not on the shared prompt).
+            compute_heads: False skips the heads (the decode loop calls them itself, once per block).
         """
         ref = input_ids if input_ids is not None else inputs_embeds
-        self.set_context(stream_ids, ref.shape[0], notes, ref.device)
+        self.set_context(stream_ids, ref.shape[0], notes, ref.device, sidecar_mask)
+        if use_cache is None:
+            # A cache built during a checkpointed training forward would be updated again by the recompute.
+            use_cache = past_key_values is not None
         outputs = base_model(self.trunk)(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -206,6 +224,8 @@ class PDTForCausalLM(nn.Module):
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.trunk.get_output_embeddings()(hidden[:, keep])  # [N, T', V]
         loss = shifted_lm_loss(logits, labels) if labels is not None else None
+        if not compute_heads:
+            return PDTOutput(loss=loss, logits=logits, hidden_states=hidden, past_key_values=outputs.past_key_values)
 
         heads = self.sidecar.heads
         mask = attention_mask.bool() if attention_mask is not None and attention_mask.ndim == 2 else None
@@ -231,6 +251,9 @@ class PDTForCausalLM(nn.Module):
             coverage_logits=coverage_logits,
             agreement_logits=heads.agreement(pooled, summary, own_coverage, note),
         )
+
+    # ------------------------------------------------------------------ generation
+    generate = multi_stream_generate
 
     # ------------------------------------------------------------------ accounting
     def sidecar_budget(self) -> dict[str, float]:

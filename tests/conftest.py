@@ -30,7 +30,7 @@ TINY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**TINY),
     "qwen2": lambda: transformers.Qwen2Config(**TINY),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=16),
-    "mistral": lambda: transformers.MistralConfig(**TINY),
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=None),
     "gpt_oss": lambda: transformers.GptOssConfig(
         **{**TINY, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16
     ),
@@ -43,7 +43,8 @@ def tiny_trunk(model_type: str = "llama", seed: int = 0, **overrides: object) ->
     config = TINY_CONFIGS[model_type]()
     for key, value in overrides.items():
         setattr(config, key, value)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    attn = "eager" if model_type == "gpt_oss" else "sdpa"  # gpt_oss has no sdpa path in transformers 5.x
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.eval()
 
 
@@ -58,3 +59,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (100 ids, fits the tiny trunks' vocab of 128) with a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(32, 127):
+        vocab[chr(i)] = len(vocab)
+    vocab["\n"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    return tok
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()

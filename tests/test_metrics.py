@@ -332,4 +332,4 @@ def test_prompts_file_is_large_unique_and_clean():
     normalized = [re.sub(r"[^a-z0-9 ]", "", line.lower()) for line in lines]
     assert len(set(normalized)) == len(lines)
     opening_words = Counter(line.split()[0] for line in lines)
-    assert len(opening_words) >= 10 and opening_words.most_common(1)[0][1] < 0.4 * len(lines)
+    assert len(opening_words) >= 30 and opening_words.most_common(1)[0][1] < 0.25 * len(lines)

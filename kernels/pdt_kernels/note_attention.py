@@ -25,7 +25,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_float, check_index, check_rank, check_same_device, check_size, resolve_scale
+from ._common import check_float, check_index, check_rank, check_same_device, check_size, resolve_scale, softmax_dtype
 from ._triton import tl, triton
 
 __all__ = ["NoteAttentionFunction", "note_attention_ref", "note_attention_triton", "note_visibility"]
@@ -36,7 +36,7 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 @triton.jit
 def _note_attn_fwd_kernel(
-    Q, K, V, O, LSE, Q_LIMIT, KV_KEY,
+    Q, K, V, OUT, LSE, Q_LIMIT, KV_KEY,
     T, M, D, H, qk_scale,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -74,7 +74,7 @@ def _note_attn_fwd_kernel(
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]  # rows that saw nothing keep acc == 0
-    tl.store(O + bh * T * D + offs_t[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(OUT + bh * T * D + offs_t[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=t_ok[:, None] & d_ok[None, :])  # fmt: skip
     tl.store(LSE + bh * T + offs_t, tl.where(seen, m_i + tl.log2(l_safe), 0.0), mask=t_ok)
 
@@ -244,7 +244,9 @@ def _check_inputs(q, k, v, q_round, kv_round, kv_valid, lag) -> None:
     check_index("q_round", q_round, _INT_DTYPES)
     check_index("kv_round", kv_round, _INT_DTYPES)
     check_index("kv_valid", kv_valid, (torch.bool,))
-    check_same_device(("q", q), ("k", k), ("v", v), ("q_round", q_round), ("kv_round", kv_round), ("kv_valid", kv_valid))
+    check_same_device(
+        ("q", q), ("k", k), ("v", v), ("q_round", q_round), ("kv_round", kv_round), ("kv_valid", kv_valid)
+    )
     if isinstance(lag, bool) or not isinstance(lag, int):
         raise ValueError(f"lag must be a Python int (rounds of delay, the note_lag Δ), got {lag!r}.")
 
@@ -312,7 +314,7 @@ def note_attention_ref(
     _check_inputs(q, k, v, q_round, kv_round, kv_valid, lag)
     scale = resolve_scale(scale, q.shape[-1])
     visible = note_visibility(q_round, kv_round, kv_valid, lag)[:, None]  # [N, 1, T, M]
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [N, H, T, M]
-    scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(softmax_dtype(q.dtype)) * scale  # [N, H, T, M]
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1) * visible  # an all-masked row is uniform before this, exactly 0 after
     return torch.matmul(probs.to(v.dtype), v)  # [N, H, T, D]

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ._checks import check_float, check_index, check_rank, check_same_device, check_size, resolve_scale
+from ._common import check_float, check_index, check_rank, check_same_device, check_size, resolve_scale, softmax_dtype
 from ._triton import tl, triton
 
 __all__ = ["note_attention_decode_ref", "note_attention_decode_triton"]
@@ -34,7 +34,7 @@ _LOG2E = math.log2(math.e)
 
 @triton.jit
 def _note_decode_kernel(
-    Q, K_STORE, V_STORE, INDICES, OFFSETS, O,
+    Q, K_STORE, V_STORE, INDICES, OFFSETS, OUT,
     D, qk_scale, stride_kc, stride_kh, stride_vc, stride_vh,
     H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -66,7 +66,7 @@ def _note_decode_kernel(
         m_i = m_new
 
     out = acc / tl.maximum(l_i, 1e-30)  # an empty row keeps acc == 0
-    tl.store(O + (row * H + h) * D + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(OUT + (row * H + h) * D + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 def _store_view(store: torch.Tensor) -> torch.Tensor:
@@ -154,8 +154,8 @@ def note_attention_decode_ref(
     rows = indices.to(torch.int64)[flat]  # [R, L] store rows (row 0 of `indices` fills the padding)
     k = k_store[rows]  # [R, L, H, D]
     v = v_store[rows]  # [R, L, H, D]
-    scores = torch.einsum("rhd,rlhd->rhl", q, k).float() * scale  # [R, H, L]
+    scores = torch.einsum("rhd,rlhd->rhl", q, k).to(softmax_dtype(q.dtype)) * scale  # [R, H, L]
     mask = present[:, None, :]  # [R, 1, L]
-    scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1) * mask  # empty rows: exactly 0
     return torch.einsum("rhl,rlhd->rhd", probs.to(v.dtype), v)  # [R, H, D]

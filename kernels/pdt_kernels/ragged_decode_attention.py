@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_float, check_index, check_rank, check_same_device, check_size, resolve_scale
+from ._common import check_float, check_index, check_rank, check_same_device, check_size, resolve_scale, softmax_dtype
 from ._triton import tl, triton
 
 __all__ = ["ragged_decode_attention_ref", "ragged_decode_attention_triton", "sdpa_with_mask_reference"]
@@ -122,7 +122,7 @@ def _suffix_partial_kernel(
 
 @triton.jit
 def _merge_kernel(
-    O_PART, LSE_PART, O, D,
+    O_PART, LSE_PART, OUT, D,
     NUM_PARTS: tl.constexpr, BLOCK_PARTS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # stream * HQ + query head
@@ -138,7 +138,7 @@ def _merge_kernel(
     w = tl.exp2(lse - top)  # [BLOCK_PARTS]
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(O + row * D + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(OUT + row * D + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 def _kv_view(x: torch.Tensor) -> torch.Tensor:
@@ -274,14 +274,15 @@ def ragged_decode_attention_ref(
     scale = resolve_scale(scale, q.shape[-1])
     K, Hq, D = q.shape
     hkv, S_max = prefix_k.shape[0], suffix_k.shape[2]
+    acc = softmax_dtype(q.dtype)
     q4 = q.reshape(K, hkv, Hq // hkv, D)  # [K, Hkv, G, D]
-    scores_p = torch.einsum("kngd,npd->kngp", q4, prefix_k).float() * scale  # [K, Hkv, G, P]
+    scores_p = torch.einsum("kngd,npd->kngp", q4, prefix_k).to(acc) * scale  # [K, Hkv, G, P]
     probs_p, lse_p = _softmax_with_lse(scores_p, None)
-    out_p = torch.einsum("kngp,npd->kngd", probs_p.to(prefix_v.dtype), prefix_v).float()  # [K, Hkv, G, D]
-    scores_s = torch.einsum("kngd,knsd->kngs", q4, suffix_k).float() * scale  # [K, Hkv, G, S_max]
+    out_p = torch.einsum("kngp,npd->kngd", probs_p.to(prefix_v.dtype), prefix_v).to(acc)  # [K, Hkv, G, D]
+    scores_s = torch.einsum("kngd,knsd->kngs", q4, suffix_k).to(acc) * scale  # [K, Hkv, G, S_max]
     valid = torch.arange(S_max, device=q.device)[None, :] < suffix_lens[:, None]  # [K, S_max]
     probs_s, lse_s = _softmax_with_lse(scores_s, valid[:, None, None, :])
-    out_s = torch.einsum("kngs,knsd->kngd", probs_s.to(suffix_v.dtype), suffix_v).float()  # [K, Hkv, G, D]
+    out_s = torch.einsum("kngs,knsd->kngd", probs_s.to(suffix_v.dtype), suffix_v).to(acc)  # [K, Hkv, G, D]
     lse = torch.logaddexp(lse_p, lse_s)  # [K, Hkv, G]
     lse = torch.where(torch.isinf(lse), 0.0, lse)  # nothing visible: both weights below are exp(-inf) = 0
     out = torch.exp(lse_p - lse)[..., None] * out_p + torch.exp(lse_s - lse)[..., None] * out_s

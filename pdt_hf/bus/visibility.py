@@ -63,9 +63,7 @@ def effective_round(note_round: torch.Tensor) -> torch.Tensor:
         int64 tensor of the same shape: snapshot notes at ``SNAPSHOT_EFFECTIVE_ROUND``, the others unchanged.
     """
     note_round = note_round.long()
-    return torch.where(
-        note_round == SNAPSHOT_ROUND, torch.full_like(note_round, SNAPSHOT_EFFECTIVE_ROUND), note_round
-    )
+    return torch.where(note_round == SNAPSHOT_ROUND, torch.full_like(note_round, SNAPSHOT_EFFECTIVE_ROUND), note_round)
 
 
 def lagged_visible(

@@ -76,4 +76,3 @@ def _load_cached(path: str, device: str, local_only: bool) -> SentenceTransforme
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(path, device=device, local_files_only=local_only)
-

@@ -69,7 +69,9 @@ _STOP_WORDS = frozenset(
 # --------------------------------------------------------------------------------------------- text helpers
 def _check_sections(sections: Sequence[Any], name: str = "sections") -> None:
     if isinstance(sections, str | bytes) or not isinstance(sections, Sequence):
-        raise ValueError(f"{name}={sections!r:.80} must be a list of section texts, one per stream; wrap it in a list.")
+        raise ValueError(
+            f"{name}={sections!r:.80} must be a list of section texts, one per stream; wrap it in a list."
+        )
 
 
 def _words(section: str | Sequence[str]) -> list[str]:
@@ -105,7 +107,9 @@ def _content_stems(text: str) -> set[str]:
 def _to_ids(value: TokenInput, tokenizer: Any, role: str, add_special_tokens: bool) -> list[int]:
     if isinstance(value, str):
         if tokenizer is None:
-            raise ValueError(f"{role}={value!r:.60} is text but tokenizer=None; pass the trunk's tokenizer or token ids.")
+            raise ValueError(
+                f"{role}={value!r:.60} is text but tokenizer=None; pass the trunk's tokenizer or token ids."
+            )
         ids = list(tokenizer(value, add_special_tokens=add_special_tokens)["input_ids"])
     elif isinstance(value, torch.Tensor):
         if value.dim() > 2 or (value.dim() == 2 and value.shape[0] != 1):
@@ -143,9 +147,7 @@ def serial_fidelity_batch(
         serial decoding would write.
     """
     if len(prompts) != len(answers) or not prompts:
-        raise ValueError(
-            f"got {len(prompts)} prompts and {len(answers)} answers; pass equal-length, non-empty lists."
-        )
+        raise ValueError(f"got {len(prompts)} prompts and {len(answers)} answers; pass equal-length, non-empty lists.")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     pairs = [

@@ -66,7 +66,10 @@ class PackedNotes:
 
 @dataclass
 class SidecarContext:
-    """``stream_ids`` ``[N]`` and the notes the rows may read (None: no notes, SNC skipped)."""
+    """``stream_ids`` ``[N]``, the notes the rows may read (None: no notes, SNC skipped), and an optional
+    ``token_mask`` ``[N, T]``: sidecar deltas apply only where it is true (the shared prompt prefix is read by
+    the bare trunk, in training as in decoding)."""
 
     stream_ids: torch.Tensor
     notes: DenseNotes | PackedNotes | None = None
+    token_mask: torch.Tensor | None = None

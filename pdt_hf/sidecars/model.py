@@ -52,17 +52,21 @@ class PDTSidecar(nn.Module):
                 f"stream_ids has {ctx.stream_ids.shape[0]} rows but the batch has {hidden.shape[0]}; "
                 "pass one stream id per row."
             )
-        hidden = hidden + self.adapters[key].delta(hidden, ctx.stream_ids)
+        mask = None if ctx.token_mask is None else ctx.token_mask.unsqueeze(-1).to(hidden.dtype)  # [N, T, 1]
+        delta = self.adapters[key].delta(hidden, ctx.stream_ids)
+        hidden = hidden + (delta if mask is None else delta * mask)
         notes = ctx.notes
         snc = self.snc[key]
         if isinstance(notes, DenseNotes):
             note_round, note_valid, query_round = notes.resolved(hidden.shape[1])
-            hidden = hidden + snc.delta_dense(hidden, notes.notes, note_round, note_valid, query_round, notes.lag)
+            delta = snc.delta_dense(hidden, notes.notes, note_round, note_valid, query_round, notes.lag)
         elif isinstance(notes, PackedNotes):
             slot = self.config.instrumented_layers.index(layer_idx)
             k_store, v_store = notes.store.layer_kv(slot)
-            hidden = hidden + snc.delta_packed(hidden, k_store, v_store, notes.indices, notes.offsets)
-        return hidden
+            delta = snc.delta_packed(hidden, k_store, v_store, notes.indices, notes.offsets)
+        else:
+            return hidden
+        return hidden + (delta if mask is None else delta * mask)
 
     def family_parameters(self, family: str) -> list[nn.Parameter]:
         """Parameters of one family: ``adapters``, ``snc``, ``heads`` or ``heads.<name>``."""

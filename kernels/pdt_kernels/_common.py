@@ -1,4 +1,4 @@
-"""Input checks shared by the kernel entry points.
+"""Input checks and small helpers shared by the kernel entry points.
 
 Every public kernel validates shapes, dtypes and devices before choosing a backend, so the Triton kernels and
 the PyTorch references reject the same inputs with the same message. Checks never read tensor values (that
@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_float", "check_index", "check_rank", "check_same_device", "check_size", "resolve_scale"]
+__all__ = [
+    "check_float",
+    "check_index",
+    "check_rank",
+    "check_same_device",
+    "check_size",
+    "resolve_scale",
+    "softmax_dtype",
+]
 
 
 def check_rank(name: str, tensor: torch.Tensor, rank: int, layout: str) -> None:
@@ -44,7 +52,9 @@ def check_index(name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...
     """Raise ValueError unless `tensor` has one of the `allowed` integer (or bool) dtypes."""
     if tensor.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
-        raise ValueError(f"{name} must have dtype in ({names}), got {tensor.dtype}; convert it with .to({allowed[0]}).")
+        raise ValueError(
+            f"{name} must have dtype in ({names}), got {tensor.dtype}; convert it with .to({allowed[0]})."
+        )
 
 
 def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
@@ -63,3 +73,8 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     if not scale > 0:
         raise ValueError(f"scale must be a positive number, got {scale}; pass None for head_dim ** -0.5.")
     return scale
+
+
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the references run softmax in: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)

@@ -1,0 +1,289 @@
+"""The multi-stream decode loop: plan, prefill once, rounds of blocks, commit or roll back.
+
+One round (every active stream decodes a block of B tokens, one batched
+forward per token)::
+
+    round r:  stream 0  [t t t t t t t t] -> note, coverage, agreement -> commit: publish note (round r)
+              stream 1  [t t t t t t t t] -> ... score < tau              -> rollback: cache length -= 8,
+              stream 2  [t t t EOS]       -> commit, finished                 retry in round r+1 with the
+                 ^ reads sibling notes of round <= r - lag (bus)              notes published in round r
+
+Design decisions:
+- The shared prompt prefix is prefilled once by the bare trunk; each stream's
+  suffix (its plan item) is prefilled with its sidecar, streams of equal
+  suffix length together. Planner notes from the suffix states are snapshot 0.
+- A rolled-back block is regenerated in the next round, so it reads the notes
+  its siblings committed meanwhile; the first token is resampled from the
+  logits saved at the block's start. After R rollbacks the block is accepted
+  and flagged. Notes are published only on commit.
+- Finished streams leave the batch. Only committed text reaches the streamer.
+- The heads run once per judged block, not per token (``compute_heads=False``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from ..bus import NoteBus
+from ..sidecars.context import PackedNotes
+from ..sidecars.heads.layer import masked_mean
+from ..stream_kv import StreamKVCache
+from ..trunk.architectures import base_model
+from .output import MultiStreamOutput, Telemetry
+from .sampling import TokenChooser
+from .streamer import MultiStreamStreamer
+
+
+@dataclass
+class DecodeSettings:
+    """Per-call values of the DESIGN.md symbols plus switches used by baselines and ablations."""
+
+    num_streams: int
+    block_size: int
+    commit_horizon: int
+    note_lag: int
+    note_window: int
+    agreement_threshold: float
+    max_retries: int
+    max_new_tokens: int
+    stop_strings: tuple[str, ...] = ()
+    use_notes: bool = True
+    """False: SNC reads nothing (the bus is still kept for the heads)."""
+    note_ablation: str | None = None
+    """None, "zero" (published notes are zeros) or "shuffle" (notes of one round permuted across streams)."""
+    rollback: bool = True
+    """False: every block commits (same as tau = 0)."""
+
+
+class StreamState:
+    """Python-side state of one stream: committed ids, pending block, retries, finish reason."""
+
+    def __init__(self, prompt_ids: list[int]) -> None:
+        self.prompt_ids = prompt_ids
+        self.committed: list[int] = []
+        self.block: list[int] = []
+        self.block_hidden: list[torch.Tensor] = []
+        self.block_start_logits: torch.Tensor | None = None
+        self.stop_reason: str | None = None
+        self.finish_reason: str | None = None
+        self.retries = 0
+        self.emitted_text = ""
+        self.coverage = 0.0
+        self.notes_read = 0
+
+    def history(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([self.prompt_ids + self.committed + self.block], device=device)
+
+
+def _segment_mean(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of consecutive segments of ``values`` ``[nnz, d]`` with lengths ``counts`` ``[A]`` -> ``[A, d]``."""
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)  # [nnz]
+    out = values.new_zeros(counts.numel(), values.shape[-1]).index_add_(0, rows, values)
+    return out / counts.clamp(min=1).unsqueeze(-1).to(values.dtype)
+
+
+class MultiStreamDecoder:
+    """Runs one multi-stream generation for a :class:`~pdt_hf.modeling.PDTForCausalLM`."""
+
+    def __init__(self, model, tokenizer, settings: DecodeSettings, chooser: TokenChooser,
+                 streamer: MultiStreamStreamer | None = None, eos_token_ids: set[int] | None = None,
+                 record_reads: bool = False) -> None:
+        self.model, self.tokenizer, self.settings, self.chooser = model, tokenizer, settings, chooser
+        self.streamer = streamer
+        self.eos = eos_token_ids or set()
+        self.record_reads = record_reads
+        self.device = next(model.trunk.parameters()).device
+        self.telemetry = Telemetry()
+        self.bus: NoteBus | None = None
+
+    # ------------------------------------------------------------------ setup
+    @torch.no_grad()
+    def prefill(self, prefix: list[int], suffixes: list[list[int]]) -> tuple[StreamKVCache, torch.Tensor, torch.Tensor]:
+        """Prefix once (bare trunk), then suffixes with sidecars. Returns (cache, next logits [K, V], planner notes)."""
+        s, model, k = self.settings, self.model, len(suffixes)
+        model.sidecar.context = None
+        prefix_out = base_model(model.trunk)(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+        capacity = max(len(x) for x in suffixes) + s.max_new_tokens + 1
+        cache = StreamKVCache.from_prefix(prefix_out.past_key_values, k, capacity, commit_horizon=s.commit_horizon)
+        logits: list[torch.Tensor | None] = [None] * k
+        notes: list[torch.Tensor | None] = [None] * k
+        for length in sorted({len(x) for x in suffixes}):
+            group = [i for i, x in enumerate(suffixes) if len(x) == length]
+            streams = torch.tensor(group, device=self.device)
+            ids = torch.tensor([suffixes[i] for i in group], device=self.device)  # [G, length]
+            with cache.step(streams, length) as kw:
+                out = model(input_ids=ids, stream_ids=streams, past_key_values=cache, compute_heads=False, **kw)
+            planner = model.sidecar.heads.planner(out.hidden_states, None, streams)  # [G, d_note]
+            for j, i in enumerate(group):
+                logits[i], notes[i] = out.logits[j, -1], planner[j]
+        return cache, torch.stack(logits), torch.stack(notes)
+
+    def make_bus(self, planner_notes: torch.Tensor) -> NoteBus:
+        s, cfg, sidecar = self.settings, self.model.pdt_config, self.model.sidecar
+        k = planner_notes.shape[0]
+        needed = k * (1 + -(-s.max_new_tokens // s.block_size))
+        if needed > cfg.note_capacity:
+            raise ValueError(
+                f"this generation may publish {needed} notes but note_capacity is {cfg.note_capacity}; raise "
+                "PDTConfig.note_capacity or lower max_new_tokens / num_streams."
+            )
+        snc = sidecar.snc_layers
+        bus = NoteBus(
+            num_streams=k, d_note=cfg.d_note, capacity=needed, note_lag=s.note_lag, note_window=s.note_window,
+            read_own_notes=cfg.read_own_notes, projectors=[layer.project_notes for layer in snc],
+            kv_shape=(snc[0].num_heads, snc[0].head_dim), device=self.device, dtype=planner_notes.dtype,
+            record=self.record_reads,
+        )
+        bus.publish_snapshot(self._ablate(planner_notes))
+        return bus
+
+    def _ablate(self, notes: torch.Tensor) -> torch.Tensor:
+        if self.settings.note_ablation == "zero":
+            return torch.zeros_like(notes)
+        if self.settings.note_ablation == "shuffle" and notes.shape[0] > 1:
+            return notes.roll(1, dims=0)
+        return notes
+
+    # ------------------------------------------------------------------ per-token and per-block work
+    def _stop_reason(self, state: StreamState, token: int, scores: torch.Tensor) -> str | None:
+        if token in self.eos:
+            return "eos"
+        if self.settings.stop_strings and self.tokenizer is not None:
+            tail = self.tokenizer.decode((state.committed + state.block)[-64:])
+            if any(stop in tail for stop in self.settings.stop_strings):
+                return "stop_string"
+        if self.chooser.should_stop(state.history(self.device), scores):
+            return "stopping_criteria"
+        if len(state.committed) + len(state.block) >= self.settings.max_new_tokens:
+            return "length"
+        return None
+
+    @torch.no_grad()
+    def decode_block(self, states: list[StreamState], active: list[int], round: int, cache: StreamKVCache,
+                     next_logits: torch.Tensor) -> None:
+        """Every stream in ``active`` decodes up to B tokens; one batched forward per token."""
+        for k in active:
+            states[k].block, states[k].block_hidden, states[k].stop_reason = [], [], None
+            states[k].block_start_logits = next_logits[k].clone()
+        for _ in range(self.settings.block_size):
+            rows = [k for k in active if states[k].stop_reason is None]
+            if not rows:
+                break
+            tokens = []
+            for k in rows:
+                token, scores = self.chooser.choose(states[k].history(self.device), next_logits[k])
+                states[k].block.append(token)
+                states[k].stop_reason = self._stop_reason(states[k], token, scores)
+                tokens.append(token)
+            streams = torch.tensor(rows, device=self.device)
+            notes = None
+            if self.settings.use_notes:
+                read = self.bus.read(streams, round)
+                notes = PackedNotes(self.bus, read.indices, read.offsets)
+                for i, k in enumerate(rows):
+                    states[k].notes_read += int(read.counts[i])
+            start = time.perf_counter()
+            with cache.step(streams, 1) as kw:
+                out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], stream_ids=streams,
+                                 notes=notes, past_key_values=cache, compute_heads=False, **kw)
+            self.telemetry.timings.setdefault("steps", []).append(time.perf_counter() - start)
+            self.telemetry.timings.setdefault("first_token", time.perf_counter() - self._t0)
+            next_logits[rows] = out.logits[:, -1].to(next_logits.dtype)
+            for i, k in enumerate(rows):
+                states[k].block_hidden.append(out.hidden_states[i, -1])
+            self.telemetry.decoded_tokens += len(rows)
+
+    @torch.no_grad()
+    def judge(self, states: list[StreamState], judged: list[int], round: int,
+              planner_notes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Notes, own-item coverage and agreement score ``[J]`` for the blocks of ``judged``."""
+        heads = self.model.sidecar.heads
+        hidden = pad_sequence([torch.stack(states[k].block_hidden) for k in judged], batch_first=True)  # [J, n, d]
+        lengths = torch.tensor([len(states[k].block_hidden) for k in judged], device=self.device)
+        mask = torch.arange(hidden.shape[1], device=self.device)[None] < lengths[:, None]  # [J, n]
+        notes = heads.notes(hidden, mask)  # [J, d_note]
+        plan = planner_notes.unsqueeze(0).expand(len(judged), -1, -1)  # [J, K, d_note]
+        streams = torch.tensor(judged, device=self.device)
+        coverage = heads.coverage(notes, plan).sigmoid()[torch.arange(len(judged)), streams]  # [J]
+        read = self.bus.read(streams, round)
+        summary = _segment_mean(self.bus.notes[read.indices], read.counts)  # [J, d_note]
+        score = heads.agreement(masked_mean(hidden, mask), summary, coverage, notes).sigmoid()  # [J]
+        return notes, coverage, score
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, plan: list[str], stream_prompts: list[list[int]], prefix: list[int],
+            suffixes: list[list[int]]) -> MultiStreamOutput:
+        s = self.settings
+        self._t0 = time.perf_counter()
+        states = [StreamState(ids) for ids in stream_prompts]
+        cache, next_logits, planner_notes = self.prefill(prefix, suffixes)
+        self.telemetry.timings["prefill"] = time.perf_counter() - self._t0
+        self.bus = self.make_bus(planner_notes)
+        round = 0
+        try:
+            while True:
+                active = [k for k, st in enumerate(states) if st.finish_reason is None]
+                if not active:
+                    break
+                round += 1
+                self.decode_block(states, active, round, cache, next_logits)
+                judged = [k for k in active if states[k].block]
+                notes, coverage, score = self.judge(states, judged, round, planner_notes)
+                publish = []
+                for j, k in enumerate(judged):
+                    publish += self._decide(states[k], k, round, cache, next_logits, float(score[j]),
+                                            float(coverage[j]), notes[j])
+                if publish:
+                    ids, vectors = zip(*publish)
+                    self.bus.publish(torch.tensor(ids, device=self.device), round, self._ablate(torch.stack(vectors)))
+        except KeyboardInterrupt:
+            self.telemetry.interrupted = True
+        finally:
+            self.model.sidecar.context = None
+            if self.streamer is not None:
+                self.streamer.on_end()
+        self.telemetry.timings["total"] = time.perf_counter() - self._t0
+        self.telemetry.coverage = [st.coverage for st in states]
+        self.telemetry.notes_read = [st.notes_read for st in states]
+        texts = [self.tokenizer.decode(st.committed, skip_special_tokens=True).strip() if self.tokenizer else ""
+                 for st in states]
+        return MultiStreamOutput(
+            sequences=[st.committed for st in states], texts=texts, answer="\n\n".join(t for t in texts if t),
+            plan=plan, finish_reasons=[st.finish_reason or "interrupted" for st in states], telemetry=self.telemetry,
+        )
+
+    def _decide(self, state: StreamState, k: int, round: int, cache: StreamKVCache, next_logits: torch.Tensor,
+                score: float, coverage: float, note: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        s, n = self.settings, len(state.block)
+        passed = score >= s.agreement_threshold or not s.rollback
+        event = {"stream": k, "round": round, "tokens": n, "score": score, "coverage": coverage,
+                 "retry": state.retries, "committed": True, "flagged": False}
+        if not passed and state.retries < s.max_retries:
+            cache.rollback(k, n)
+            next_logits[k] = state.block_start_logits
+            state.retries += 1
+            event["committed"] = False
+            self.telemetry.commits.append(event)
+            self.telemetry.rollbacks.append({"stream": k, "round": round, "tokens": n, "retry": state.retries})
+            self.telemetry.rolled_back_tokens += n
+            if self.streamer is not None:
+                self.streamer.on_rollback(k, n, round)
+            return []
+        event["flagged"] = not passed
+        self.telemetry.commits.append(event)
+        state.committed += state.block
+        state.retries = 0
+        state.coverage = max(state.coverage, coverage)
+        if state.stop_reason is not None:
+            state.finish_reason = state.stop_reason
+        if self.streamer is not None and self.tokenizer is not None:
+            text = self.tokenizer.decode(state.committed, skip_special_tokens=True)
+            if len(text) > len(state.emitted_text):
+                self.streamer.on_text(k, text[len(state.emitted_text):], round)
+                self.telemetry.timings.setdefault("first_commit", time.perf_counter() - self._t0)
+                state.emitted_text = text
+        return [(k, note)]

@@ -1,0 +1,83 @@
+"""Plans: the caller's section list, or an outline the trunk writes in a skeleton pass.
+
+The outline parser accepts numbered (``1.``, ``1)``, ``(1)``, ``Step 1:``) and
+bulleted (``-``, ``*``, ``•``) lines, strips markdown emphasis and trailing
+punctuation, drops duplicates (case-insensitive), and keeps at most K items.
+If no such line exists it falls back to non-empty lines; nothing usable is a
+:class:`PlanError` that shows what the trunk wrote.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .prompts import render_ids
+
+SKELETON_INSTRUCTION = (
+    "{prompt}\n\nBefore answering, write a short outline of exactly {k} section titles for the answer, "
+    "one per line, numbered 1 to {k}. Write only the titles."
+)
+
+_ITEM = re.compile(r"^\s*(?:(?:step|section|part)\s*\d+\s*[:.)-]|\(?\d+[.)\]:]|[-*•+])\s*(?P<text>.+?)\s*$", re.I)
+
+
+class PlanError(ValueError):
+    """No usable plan could be made."""
+
+
+def _clean(text: str) -> str:
+    text = re.sub(r"[*_`#]+", "", text).strip()
+    text = re.sub(r"\s+", " ", text)
+    return text.rstrip(" .:;,-")
+
+
+def parse_plan(text: str, max_items: int) -> list[str]:
+    """Outline text -> at most ``max_items`` distinct section titles."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    items = [m.group("text") for line in lines if (m := _ITEM.match(line))]
+    if not items:
+        items = lines
+    plan: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        item = _clean(item)
+        key = item.lower()
+        if len(item) < 2 or key in seen:
+            continue
+        seen.add(key)
+        plan.append(item)
+        if len(plan) == max_items:
+            break
+    if not plan:
+        raise PlanError(f"could not read a plan from the outline {text!r}; pass plan=[...] explicitly.")
+    return plan
+
+
+def normalise_plan(plan: Sequence[str] | str) -> list[str]:
+    """Accept a list or a ``"a; b; c"`` string; strip items; reject empty ones."""
+    if isinstance(plan, str):
+        plan = [p for p in plan.split(";")]
+    items = [str(p).strip() for p in plan]
+    if not items or any(not p for p in items):
+        raise PlanError(f"plan {list(plan)!r} has an empty item; give one non-empty section prompt per stream.")
+    return items
+
+
+@torch.no_grad()
+def skeleton_plan(
+    trunk: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, num_streams: int, max_new_tokens: int = 96
+) -> list[str]:
+    """Ask the trunk for an outline of ``num_streams`` sections and parse it."""
+    ids = render_ids(tokenizer, SKELETON_INSTRUCTION.format(prompt=prompt.strip(), k=num_streams))
+    device = next(trunk.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    out = trunk.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    return parse_plan(text, num_streams)

@@ -43,10 +43,13 @@ def meta_budget(name: str, config: PDTConfig | None = None) -> dict[str, float]:
 def print_budget(rows: dict[str, dict[str, float]], console: Console | None = None) -> None:
     table = Table(title="PDT sidecar budget")
     for col in ("trunk", "trunk params", "sidecar params", "adapters", "snc", "heads", "share"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for name, b in rows.items():
         table.add_row(
             name, f"{b['trunk']:,}", f"{b['sidecar']:,}", f"{b['adapters']:,}", f"{b['snc']:,}", f"{b['heads']:,}",
             f"{100 * b['share']:.2f}%",
         )
-    (console or Console()).print(table)
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    console.print(table)

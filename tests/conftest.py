@@ -30,7 +30,7 @@ TINY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**TINY),
     "qwen2": lambda: transformers.Qwen2Config(**TINY),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=16),
-    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=None),
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=16),
     "gpt_oss": lambda: transformers.GptOssConfig(
         **{**TINY, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16
     ),

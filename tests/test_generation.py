@@ -30,8 +30,9 @@ def _hf_greedy(trunk, ids: list[int], max_new_tokens: int, eos: int | None) -> l
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss"])
 def test_k1_detached_matches_generate(arch: str) -> None:
+    # mistral and gpt_oss have sliding-window layers (window 16) that the 60-token prompts exceed.
     model = _model(arch)
     tok = model.tokenizer
     ids = render_ids(tok, stream_message(PROMPT, PLAN[:1], PLAN[0]))
@@ -41,7 +42,7 @@ def test_k1_detached_matches_generate(arch: str) -> None:
     assert out.sequences[0] == expected
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_oss"])
 def test_streams_match_generate_on_each_prompt_alone(arch: str) -> None:
     model = _model(arch)
     tok = model.tokenizer
@@ -108,6 +109,15 @@ def test_same_seed_same_output() -> None:
     c = model.generate(**kwargs, seed=8)
     assert a.sequences == b.sequences
     assert a.sequences != c.sequences
+
+
+def test_fast_attention_path_matches_simple_path() -> None:
+    model = _model()
+    kwargs = dict(prompt=PROMPT, plan=PLAN, max_new_tokens=16, block_size=4, agreement_threshold=0.0)
+    simple = model.generate(**kwargs, fast_attention=False)
+    fast = model.generate(**kwargs, fast_attention=True)
+    assert fast.sequences == simple.sequences
+    assert model.trunk.config._attn_implementation == "sdpa", "the trunk's attention must be restored"
 
 
 def test_iterator_streamer_and_custom_generate() -> None:

@@ -310,6 +310,7 @@ RAGGED_CASES = [  # lens (K streams), Hq, Hkv, P, S_max
     ([7], 3, 3, 50, 9),  # K = 1, no GQA
     ([5, 1, 0, 9, 9, 2, 15, 4], 8, 2, 70, 13),  # K = 8, GQA group 4, two prefix tiles, a length past S_max
     ([4, 6], 2, 1, 0, 7),  # no prefix
+    ([70, 66, 3], 2, 1, 20, 70),  # two suffix tiles
 ]
 
 
@@ -328,9 +329,11 @@ def test_ragged_decode_attention_triton(case, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("splits", [2, 3, 5])
-def test_ragged_decode_attention_triton_prefix_splits_merge(splits):
-    inputs = ragged_inputs([3, 0, 11, 1], 4, 2, P=77, S_max=11, D=32, dtype=torch.float32)
+@pytest.mark.parametrize("P,splits", [(77, 2), (77, 3), (77, 5), (300, 19)])  # 300 / 16 -> 19 tiles, 20 partials
+def test_ragged_decode_attention_triton_prefix_splits_merge(P, splits):
+    q, *rest, suffix_lens = ragged_inputs([3, 0, 11, 1], 4, 2, P=P, S_max=11, D=32, dtype=torch.float32)
+    rest[2] = rest[2].abs() * 2  # suffix keys aligned with |q|: the last partial has the largest log-sum-exp
+    inputs = (q.abs(), *rest, suffix_lens)
     out = ragged_decode_attention_triton(*inputs, block_p=16, prefix_splits=splits)
     torch.testing.assert_close(out, ragged_decode_attention_ref(*inputs), rtol=1e-4, atol=1e-5)
 

@@ -17,8 +17,8 @@ Design decisions:
   normalised partial output and its base-2 log-sum-exp.
 - Suffix kernel: one program per (stream, kv head) over that stream's valid suffix positions. The partial
   for a stream with suffix_lens == 0 has log-sum-exp -inf and weighs nothing in the merge.
-- Merge kernel: one program per (stream, query head) combines all partials; a row where nothing is visible
-  (P == 0 and suffix_lens == 0) returns exact zeros.
+- Merge kernel: one program per (stream, query head) folds the partials in with the same online rule; a row
+  where nothing is visible (P == 0 and suffix_lens == 0) returns exact zeros.
 - Forward only (decoding).
 """
 
@@ -35,13 +35,14 @@ from ._triton import tl, triton
 __all__ = ["ragged_decode_attention_ref", "ragged_decode_attention_triton", "sdpa_with_mask_reference"]
 
 _LOG2E = math.log2(math.e)
+_MIN_TILES_PER_SPLIT = 4
 
 
 @triton.jit
 def _prefix_partial_kernel(
     Q, PK, PV, O_PART, LSE_PART,
-    P, D, ROWS, tiles_per_split, qk_scale, stride_pkh, stride_pkp, stride_pvh, stride_pvp,
-    HQ: tl.constexpr, GROUP: tl.constexpr, NUM_PARTS: tl.constexpr,
+    P, D, ROWS, NUM_PARTS, tiles_per_split, qk_scale, stride_pkh, stride_pkp, stride_pvh, stride_pvp,
+    HQ: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     hk = tl.program_id(0)
@@ -80,8 +81,8 @@ def _prefix_partial_kernel(
 @triton.jit
 def _suffix_partial_kernel(
     Q, SK, SV, LENS, O_PART, LSE_PART,
-    S_MAX, D, qk_scale, stride_sks, stride_skh, stride_skp, stride_svs, stride_svh, stride_svp,
-    HQ: tl.constexpr, GROUP: tl.constexpr, NUM_PARTS: tl.constexpr,
+    S_MAX, D, NUM_PARTS, qk_scale, stride_sks, stride_skh, stride_skp, stride_svs, stride_svh, stride_svp,
+    HQ: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     stream = tl.program_id(0).to(tl.int64)
@@ -122,22 +123,29 @@ def _suffix_partial_kernel(
 
 @triton.jit
 def _merge_kernel(
-    O_PART, LSE_PART, OUT, D,
-    NUM_PARTS: tl.constexpr, BLOCK_PARTS: tl.constexpr, BLOCK_D: tl.constexpr,
+    O_PART, LSE_PART, OUT, D, NUM_PARTS,
+    BLOCK_PARTS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # stream * HQ + query head
-    parts = tl.arange(0, BLOCK_PARTS)
     offs_d = tl.arange(0, BLOCK_D)
-    part_ok = parts < NUM_PARTS
     d_ok = offs_d < D
-    lse = tl.load(LSE_PART + row * NUM_PARTS + parts, mask=part_ok, other=float("-inf"))
-    o = tl.load(O_PART + (row * NUM_PARTS + parts)[:, None] * D + offs_d[None, :],
-                mask=part_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)  # nothing visible: every weight below is 0
-    w = tl.exp2(lse - top)  # [BLOCK_PARTS]
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for start in range(0, NUM_PARTS, BLOCK_PARTS):
+        parts = start + tl.arange(0, BLOCK_PARTS)
+        part_ok = parts < NUM_PARTS
+        lse = tl.load(LSE_PART + row * NUM_PARTS + parts, mask=part_ok, other=float("-inf"))
+        o = tl.load(O_PART + (row * NUM_PARTS + parts)[:, None] * D + offs_d[None, :],
+                    mask=part_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible so far: every weight is 0
+        w = tl.exp2(lse - m_safe)  # [BLOCK_PARTS]
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)
     tl.store(OUT + row * D + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
@@ -147,13 +155,17 @@ def _kv_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def _prefix_plan(P: int, hkv: int, q_blocks: int, block_p: int, device: torch.device, splits: int | None):
-    """Returns (tiles_per_split, num_splits) for a prefix of P positions; about two programs per SM on CUDA."""
+    """Returns (tiles_per_split, num_splits) for a prefix of P positions.
+
+    By default about two programs per SM on CUDA, but at least `_MIN_TILES_PER_SPLIT` tiles per split so that
+    writing and merging the fp32 partials stays cheap next to reading the prefix.
+    """
     tiles = triton.cdiv(P, block_p)
     if tiles == 0:
         return 1, 0
     if splits is None:
         slots = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        splits = max(1, slots // max(1, hkv * q_blocks))
+        splits = min(max(1, slots // max(1, hkv * q_blocks)), triton.cdiv(tiles, _MIN_TILES_PER_SPLIT))
     tiles_per_split = triton.cdiv(tiles, min(max(1, splits), tiles))
     return tiles_per_split, triton.cdiv(tiles, tiles_per_split)
 
@@ -219,22 +231,23 @@ def ragged_decode_attention_triton(
     o_part = torch.empty((K * Hq, num_parts, D), device=q.device, dtype=torch.float32)  # normalised partials
     lse_part = torch.empty((K * Hq, num_parts), device=q.device, dtype=torch.float32)  # base-2 log-sum-exp
     qk_scale = scale * _LOG2E
+    num_warps = 8 if block_d >= 128 else 4
     if splits > 0:
         _prefix_partial_kernel[(hkv, splits, q_blocks)](
             q, prefix_k, prefix_v, o_part, lse_part,
-            P, D, K * group, tiles_per_split, qk_scale,
+            P, D, K * group, num_parts, tiles_per_split, qk_scale,
             prefix_k.stride(0), prefix_k.stride(1), prefix_v.stride(0), prefix_v.stride(1),
-            HQ=Hq, GROUP=group, NUM_PARTS=num_parts, BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+            HQ=Hq, GROUP=group, BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=num_warps,
         )  # fmt: skip
     _suffix_partial_kernel[(K, hkv)](
         q, suffix_k, suffix_v, suffix_lens.contiguous(), o_part, lse_part,
-        S_max, D, qk_scale, *suffix_k.stride()[:3], *suffix_v.stride()[:3],
-        HQ=Hq, GROUP=group, NUM_PARTS=num_parts, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_S=min(64, max(16, triton.next_power_of_2(S_max))), BLOCK_D=block_d, num_warps=4,
+        S_max, D, num_parts, qk_scale, *suffix_k.stride()[:3], *suffix_v.stride()[:3],
+        HQ=Hq, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_S=min(64, max(16, triton.next_power_of_2(S_max))), BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
     _merge_kernel[(K * Hq,)](
-        o_part, lse_part, out, D,
-        NUM_PARTS=num_parts, BLOCK_PARTS=max(2, triton.next_power_of_2(num_parts)), BLOCK_D=block_d, num_warps=1,
+        o_part, lse_part, out, D, num_parts,
+        BLOCK_PARTS=min(16, max(2, triton.next_power_of_2(num_parts))), BLOCK_D=block_d, num_warps=2,
     )  # fmt: skip
     return out
 

@@ -65,6 +65,7 @@ def multi_stream_generate(
     note_ablation: str | None = None,
     rollback: bool = True,
     record_reads: bool = False,
+    fast_attention: bool | None = None,
 ) -> MultiStreamOutput:
     """Write ``num_streams`` sections of one answer in parallel (see DESIGN.md, "Generation").
 
@@ -95,7 +96,7 @@ def multi_stream_generate(
         max_retries=max_retries if max_retries is not None else cfg.max_retries,
         max_new_tokens=max_new_tokens,
         stop_strings=(stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ()),
-        use_notes=use_notes, note_ablation=note_ablation, rollback=rollback,
+        use_notes=use_notes, note_ablation=note_ablation, rollback=rollback, fast_attention=fast_attention,
     )
     if num_streams is not None:
         _check_positive("num_streams", num_streams)

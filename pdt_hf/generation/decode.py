@@ -23,15 +23,17 @@ Design decisions:
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers import DynamicCache
 
 from ..bus import NoteBus
 from ..sidecars.context import PackedNotes
 from ..sidecars.heads.layer import masked_mean
-from ..stream_kv import StreamKVCache
+from ..stream_kv import StreamKVCache, stream_attention
 from ..trunk.architectures import base_model
 from .output import MultiStreamOutput, Telemetry
 from .sampling import TokenChooser
@@ -57,6 +59,37 @@ class DecodeSettings:
     """None, "zero" (published notes are zeros) or "shuffle" (notes of one round permuted across streams)."""
     rollback: bool = True
     """False: every block commits (same as tau = 0)."""
+    fast_attention: bool | None = None
+    """Cascade decode attention reading the prefix once (None: on CUDA, for trunks without sliding layers)."""
+
+
+def sliding_window_of(config) -> int | None:
+    """The trunk's attention window if any of its layers is sliding, else None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
+def trunk_step_masks(config, step_kwargs: dict) -> dict:
+    """Adapt ``StreamKVCache.begin_step`` kwargs to trunks with sliding-window layers.
+
+    Key index j of the step's mask ``[A, 1, T, P + S]`` holds position j (prefix slot j, or suffix slot j - P at
+    position P + j - P), so the window test is ``j > q_pos - window`` as in transformers. Trunks with
+    ``layer_types`` take a dict of masks keyed by layer type; others (Mistral) take the windowed mask itself.
+    """
+    window = sliding_window_of(config)
+    if window is None:
+        return step_kwargs
+    mask, positions = step_kwargs["attention_mask"], step_kwargs["position_ids"]  # [A,1,T,KV], [A,T]
+    key_pos = torch.arange(mask.shape[-1], device=mask.device)  # [KV]
+    too_far = key_pos[None, None, :] <= positions[:, :, None] - window  # [A, T, KV]
+    fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    sliding = mask.masked_fill(too_far[:, None], fill)
+    if getattr(config, "layer_types", None) is not None:
+        return {**step_kwargs, "attention_mask": {"full_attention": mask, "sliding_attention": sliding}}
+    return {**step_kwargs, "attention_mask": sliding}
 
 
 class StreamState:
@@ -106,7 +139,10 @@ class MultiStreamDecoder:
         """Prefix once (bare trunk), then suffixes with sidecars. Returns (cache, next logits [K, V], planner notes)."""
         s, model, k = self.settings, self.model, len(suffixes)
         model.sidecar.context = None
-        prefix_out = base_model(model.trunk)(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+        # A config-less DynamicCache keeps every prefix token in every layer (sliding layers are windowed by mask).
+        prefix_out = base_model(model.trunk)(
+            input_ids=torch.tensor([prefix], device=self.device), past_key_values=DynamicCache(), use_cache=True
+        )
         capacity = max(len(x) for x in suffixes) + s.max_new_tokens + 1
         cache = StreamKVCache.from_prefix(prefix_out.past_key_values, k, capacity, commit_horizon=s.commit_horizon)
         logits: list[torch.Tensor | None] = [None] * k
@@ -116,6 +152,7 @@ class MultiStreamDecoder:
             streams = torch.tensor(group, device=self.device)
             ids = torch.tensor([suffixes[i] for i in group], device=self.device)  # [G, length]
             with cache.step(streams, length) as kw:
+                kw = trunk_step_masks(model.trunk.config, kw)
                 out = model(input_ids=ids, stream_ids=streams, past_key_values=cache, compute_heads=False, **kw)
             planner = model.sidecar.heads.planner(out.hidden_states, None, streams)  # [G, d_note]
             for j, i in enumerate(group):
@@ -188,6 +225,7 @@ class MultiStreamDecoder:
                     states[k].notes_read += int(read.counts[i])
             start = time.perf_counter()
             with cache.step(streams, 1) as kw:
+                kw = trunk_step_masks(self.model.trunk.config, kw)
                 out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], stream_ids=streams,
                                  notes=notes, past_key_values=cache, compute_heads=False, **kw)
             self.telemetry.timings.setdefault("steps", []).append(time.perf_counter() - start)
@@ -223,23 +261,15 @@ class MultiStreamDecoder:
         cache, next_logits, planner_notes = self.prefill(prefix, suffixes)
         self.telemetry.timings["prefill"] = time.perf_counter() - self._t0
         self.bus = self.make_bus(planner_notes)
+        fast = s.fast_attention
+        if fast is None:
+            fast = self.device.type == "cuda" and sliding_window_of(self.model.trunk.config) is None
         round = 0
         try:
-            while True:
-                active = [k for k, st in enumerate(states) if st.finish_reason is None]
-                if not active:
-                    break
-                round += 1
-                self.decode_block(states, active, round, cache, next_logits)
-                judged = [k for k in active if states[k].block]
-                notes, coverage, score = self.judge(states, judged, round, planner_notes)
-                publish = []
-                for j, k in enumerate(judged):
-                    publish += self._decide(states[k], k, round, cache, next_logits, float(score[j]),
-                                            float(coverage[j]), notes[j])
-                if publish:
-                    ids, vectors = zip(*publish)
-                    self.bus.publish(torch.tensor(ids, device=self.device), round, self._ablate(torch.stack(vectors)))
+            with stream_attention(self.model.trunk, cache) if fast else nullcontext():
+                while any(st.finish_reason is None for st in states):
+                    round += 1
+                    self.run_round(states, round, cache, next_logits, planner_notes)
         except KeyboardInterrupt:
             self.telemetry.interrupted = True
         finally:
@@ -255,6 +285,21 @@ class MultiStreamDecoder:
             sequences=[st.committed for st in states], texts=texts, answer="\n\n".join(t for t in texts if t),
             plan=plan, finish_reasons=[st.finish_reason or "interrupted" for st in states], telemetry=self.telemetry,
         )
+
+    def run_round(self, states: list[StreamState], round: int, cache: StreamKVCache, next_logits: torch.Tensor,
+                  planner_notes: torch.Tensor) -> None:
+        """Decode one block per active stream, judge the blocks, publish the notes of committed ones."""
+        active = [k for k, st in enumerate(states) if st.finish_reason is None]
+        self.decode_block(states, active, round, cache, next_logits)
+        judged = [k for k in active if states[k].block]
+        notes, coverage, score = self.judge(states, judged, round, planner_notes)
+        publish = []
+        for j, k in enumerate(judged):
+            publish += self._decide(states[k], k, round, cache, next_logits, float(score[j]), float(coverage[j]),
+                                    notes[j])
+        if publish:
+            ids, vectors = zip(*publish)
+            self.bus.publish(torch.tensor(ids, device=self.device), round, self._ablate(torch.stack(vectors)))
 
     def _decide(self, state: StreamState, k: int, round: int, cache: StreamKVCache, next_logits: torch.Tensor,
                 score: float, coverage: float, note: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

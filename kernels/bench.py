@@ -80,7 +80,8 @@ def sdpa_note_attention(q, k, v, q_round, kv_round, kv_valid, lag):
 
 
 def sdpa_note_decode(q, k_store, v_store, indices, offsets):
-    """Gather each row's notes into a padded [R, H, L, D] batch and call SDPA with a padding mask."""
+    """Gather each row's notes into a padded [R, H, L, D] batch and call SDPA with a padding mask (no notes at
+    all: zeros without a call)."""
     if indices.numel() == 0:
         return torch.zeros_like(q)
     counts = offsets[1:] - offsets[:-1]  # [R]
@@ -185,7 +186,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 def write_markdown(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     fast = "triton" if "triton" in methods else "reference"
-    threads = f", {torch.get_num_threads()} CPU threads" if args.device == "cpu" else ""
+    n = torch.get_num_threads()
+    threads = f", {n} CPU thread{'s' if n != 1 else ''}" if args.device == "cpu" else ""
     title = f"{args.device}, {args.dtype}{threads}, median of {args.repeats} runs after {args.warmup} warm-up"
     lines = [f"# Kernel benchmark ({title})", ""]
     if args.device != "cuda":
@@ -250,7 +252,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 warm-up and 7 timed runs per case")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up runs per case (default 5, quick 2)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 30, quick 7)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: decode-size ops are too "
+                        "small to split, and thread barriers dominate on shared cores)")  # fmt: skip
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device; use --device cpu")
@@ -259,7 +262,7 @@ def main() -> None:
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.repeats = args.repeats if args.repeats is not None else (7 if args.quick else 30)
-    if args.threads is not None:
+    if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.repeats < 1 or args.warmup < 0:
         parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")

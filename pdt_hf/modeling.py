@@ -26,13 +26,13 @@ from transformers.utils import ModelOutput
 
 from .checkpoint import load_sidecar_weights, save_sidecar
 from .config import PDTConfig
+from .generation.api import multi_stream_generate, register_owner
 from .sidecars.context import DenseNotes, PackedNotes, SidecarContext
 from .sidecars.heads.layer import masked_mean
 from .sidecars.model import PDTSidecar
 from .trunk.architectures import base_model, trunk_dims
 from .trunk.hooks import SidecarHooks
 from .trunk.loading import load_tokenizer, load_trunk
-from .generation.api import multi_stream_generate, register_owner
 
 
 @dataclass

@@ -101,6 +101,20 @@ def test_no_stream_reads_own_or_young_notes() -> None:
     assert seen_nonsnapshot, "later rounds must see committed sibling notes"
 
 
+def test_note_kv_is_projected_once_per_publish_not_per_step() -> None:
+    model = _model(instrumented_layers=[0, 1])
+    calls = []
+    for layer in model.sidecar.snc.values():
+        layer.k_proj.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    out = model.generate(prompt=PROMPT, plan=PLAN, max_new_tokens=24, block_size=4, agreement_threshold=0.0)
+    committed_blocks = sum(1 for c in out.telemetry.commits if c["committed"])
+    steps = len(out.telemetry.timings["steps"])
+    assert steps > committed_blocks, "more decode steps than publishes, or the test proves nothing"
+    # Two SNC layers; snapshot 0 (3 notes) plus one publish per round, each projected once per layer.
+    assert sum(calls) == 2 * (3 + committed_blocks)
+    assert len(calls) == 2 * (1 + out.bus.state().last_round)
+
+
 def test_same_seed_same_output() -> None:
     model = _model()
     kwargs = dict(prompt=PROMPT, plan=PLAN, max_new_tokens=16, do_sample=True, temperature=1.3, top_k=20)

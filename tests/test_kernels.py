@@ -347,6 +347,36 @@ def test_ragged_decode_attention_triton_nothing_visible_is_exact_zero():
     assert out[2].abs().amin(-1).gt(0).all()
 
 
+@needs_triton
+def test_online_softmax_rescales_when_later_tiles_score_higher():
+    """Keys whose scores rise with position make the running max grow tile after tile (and partial after
+    partial), so a kernel that forgot to rescale its accumulator by exp(m_old - m_new) would disagree."""
+    rising = lambda n, lo=0.1, hi=3.0: torch.linspace(lo, hi, n)[:, None]  # noqa: E731  [n, 1]
+    q = torch.randn(1, 2, 9, 16).abs()
+    k = torch.randn(1, 2, 70, 16).abs() * rising(70)  # 70 notes: two note tiles
+    v = torch.randn(1, 2, 70, 16)
+    rounds = (torch.zeros(1, 9, dtype=torch.long), torch.full((1, 70), -5), torch.ones(1, 70, dtype=torch.bool))
+    with use_backend("triton"):
+        out = note_attention(q, k, v, *rounds, 1)
+    torch.testing.assert_close(out, note_attention_ref(q, k, v, *rounds, 1), rtol=1e-4, atol=1e-5)
+
+    store = torch.randn(40, 2, 16).abs() * rising(40)[:, :, None]  # [C, H, D], rows rise with the index
+    indices, offsets = torch.arange(40).repeat(2), torch.tensor([0, 40, 80])  # both rows read all 40 in order
+    q_rows = torch.randn(2, 2, 16).abs()
+    with use_backend("triton"):
+        out = note_attention_decode(q_rows, store, store, indices, offsets)
+    torch.testing.assert_close(out, note_attention_decode_ref(q_rows, store, store, indices, offsets))
+
+    q, prefix_k, prefix_v, suffix_k, suffix_v, lens = ragged_inputs([70, 66], 2, 1, P=300, S_max=70, D=16,
+                                                                    dtype=torch.float32)  # fmt: skip
+    prefix_k = prefix_k.abs() * rising(300)
+    suffix_k = suffix_k.abs() * rising(70, 0.1, 4.0)  # two suffix tiles, the second scoring higher
+    inputs = (q.abs(), prefix_k, prefix_v, suffix_k, suffix_v, lens)
+    with use_backend("triton"):
+        out = ragged_decode_attention(*inputs)
+    torch.testing.assert_close(out, ragged_decode_attention_ref(*inputs), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dispatch, import without Triton, input errors
 # ---------------------------------------------------------------------------------------------------------------

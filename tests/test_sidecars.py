@@ -118,6 +118,7 @@ def test_gradients_reach_every_sidecar_parameter(arch: str, opt: str) -> None:
     model.sidecar.zero_grad(set_to_none=True)
 
     _open_gates(model)
+    real_layers = set(decoder_layers(model.trunk))
     grads = {}
     for mode in ("plain", "hf_checkpointing", "wrapper_checkpointing"):
         model.sidecar.zero_grad(set_to_none=True)
@@ -129,10 +130,8 @@ def test_gradients_reach_every_sidecar_parameter(arch: str, opt: str) -> None:
             apply_activation_checkpointing(
                 model.trunk,
                 checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-                check_fn=lambda m: m in set(decoder_layers_orig),
+                check_fn=lambda m: m in real_layers,
             )
-        else:
-            decoder_layers_orig = list(decoder_layers(model.trunk))
         out = model(**inputs, plan_notes=plan_notes)
         # The context is still installed during backward, as in a recompute.
         _full_loss(out).backward()

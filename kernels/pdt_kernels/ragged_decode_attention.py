@@ -209,9 +209,13 @@ def ragged_decode_attention_triton(
     """Triton cascade decode attention; same contract as `ragged_decode_attention_ref`.
 
     `block_p` (prefix tile, power of two >= 16) and `prefix_splits` (how many programs share one kv head's
-    prefix) are tuning knobs; by default 64 and about two programs per SM.
+    prefix) are tuning knobs; by default 64 and about two programs per SM with at least 4 tiles each.
     """
     _check_inputs(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens)
+    if block_p is not None and (block_p < 16 or block_p & (block_p - 1)):
+        raise ValueError(f"block_p must be a power of two >= 16, got {block_p}; leave it None for 64.")
+    if prefix_splits is not None and prefix_splits < 1:
+        raise ValueError(f"prefix_splits must be >= 1, got {prefix_splits}; leave it None to size it to the GPU.")
     scale = resolve_scale(scale, q.shape[-1])
     K, Hq, D = q.shape
     hkv, P = prefix_k.shape[0], prefix_k.shape[1]

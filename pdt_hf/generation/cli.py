@@ -49,6 +49,14 @@ class LivePanels(MultiStreamStreamer):
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    try:
+        return _run_generate(args)
+    except KeyboardInterrupt:
+        Console().print("[yellow]Interrupted before generation started; nothing was committed.[/yellow]")
+        return 130
+
+
+def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..modeling import PDTForCausalLM

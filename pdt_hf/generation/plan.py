@@ -37,7 +37,8 @@ def _clean(text: str) -> str:
 
 def parse_plan(text: str, max_items: int) -> list[str]:
     """Outline text -> at most ``max_items`` distinct section titles."""
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line.strip().lstrip("#>").strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
     items = [m.group("text") for line in lines if (m := _ITEM.match(line))]
     if not items:
         items = lines

@@ -14,10 +14,9 @@ Design decisions:
 
 from __future__ import annotations
 
+import pdt_kernels
 import torch
 from torch import nn
-
-import pdt_kernels
 
 from ..norm import rms_norm
 from .config import SNCConfig

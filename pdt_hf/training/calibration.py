@@ -1,0 +1,118 @@
+"""Validation: KD with notes visible vs ablated, and choosing tau (``agreement_threshold``) for the agreement head.
+
+Design decisions:
+- Evaluation reads the notes a decoder would publish (``student`` mode, whatever the training mode) and runs
+  three variants of every row in one forward: true sibling notes, no notes at all, and sibling block notes
+  from another example (``shuffled``). KD and LM are token means over the split.
+- A block is *divergent* when its mean KL to the teacher (with true notes) exceeds
+  ``train.agreement_divergence``; the agreement head should send it back. A decoder rolls a block back when
+  its score is below tau, so tau is chosen on the calibration split to best separate divergent blocks
+  (``f1`` of the rollback decision, or ``youden``: recall minus false-rollback rate); ties keep the smaller tau.
+- Precision/recall are reported for the rollback decision against the measured divergence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..sidecars.context import DenseNotes
+from .batch import TrainBatch
+from .losses import note_alignment_loss
+from .objective import PDTObjective, block_states, concat_notes
+
+__all__ = ["agreement_report", "choose_threshold", "evaluate_split"]
+
+VARIANTS = ("notes", "no_notes", "shuffled")
+
+
+@torch.no_grad()
+def evaluate_split(
+    objective: PDTObjective, examples: list[dict], make_batch: Callable[[list[dict]], TrainBatch], chunk: int = 4
+) -> dict:
+    """Token-mean KD/LM per variant, note alignment, coverage accuracy, and per-block agreement scores/labels."""
+    sums = {f"{m}_{v}": 0.0 for m in ("kd", "lm") for v in VARIANTS}
+    tokens = blocks = 0
+    notes_mse = cov_hits = cov_total = 0.0
+    scores, agree, divergence = [], [], []
+    heads = objective.sidecar.heads
+    for start in range(0, len(examples), chunk):
+        batch = make_batch(examples[start : start + chunk])
+        n, r = len(batch.stream_ids), batch.num_blocks
+        prefix = objective.prefix_kv(batch)
+        planner, note_blocks, valid = objective.note_pass(batch, prefix, mode="student")
+        true = objective.build_notes(batch, planner, note_blocks, valid)
+        none = DenseNotes(true.notes, true.note_round, torch.zeros_like(true.note_valid), true.query_round, true.lag)
+        shuffled = objective.build_notes(batch, planner, note_blocks, valid, ablate="shuffle")
+        rows = torch.arange(n, device=batch.stream_ids.device).repeat(len(VARIANTS))
+        hidden = objective.run_rows(batch, rows, concat_notes(true, none, shuffled), prefix)
+        kd_tok, lm_tok = objective._token_losses(batch, hidden, rows)
+        mask = batch.section_mask.repeat(len(VARIANTS), 1).float()
+        count = float(batch.section_mask.sum())
+        for i, v in enumerate(VARIANTS):
+            sums[f"kd_{v}"] += float((kd_tok * mask)[i * n : (i + 1) * n].sum())
+            sums[f"lm_{v}"] += float((lm_tok * mask)[i * n : (i + 1) * n].sum())
+        tokens += count
+        states = block_states(hidden[:n], batch.query_round, r)
+        note_pred = heads.notes(states.flatten(0, 1).unsqueeze(1)).view(n, r, -1)
+        has = batch.block_has_state
+        notes_mse += float(note_alignment_loss(note_pred, batch.note_targets, has)) * float(has.sum())
+        blocks += float(has.sum())
+        plan_rows = planner.view(batch.num_examples, batch.num_streams, -1)[batch.example_index]
+        cov = heads.coverage(note_pred.flatten(0, 1), plan_rows.repeat_interleave(r, 0)).view(n, r, -1)
+        cov_mask = has.unsqueeze(-1).expand_as(cov)
+        cov_hits += float((((cov > 0).float() == batch.coverage) & cov_mask).sum())
+        cov_total += float(cov_mask.sum())
+        logits, labels, div = objective.agreement_logits(batch, kd_tok[:n], states, note_pred, cov, true)
+        scores.append(logits.sigmoid()[has].float().cpu())
+        agree.append(labels[has].cpu())
+        divergence.append(div[has].float().cpu())
+    report = {k: v / max(tokens, 1.0) for k, v in sums.items()}
+    report.update(
+        examples=len(examples), tokens=int(tokens), blocks=int(blocks), notes_mse=notes_mse / max(blocks, 1.0),
+        coverage_accuracy=cov_hits / max(cov_total, 1.0),
+    )
+    report["kd_gain_from_notes"] = report["kd_no_notes"] - report["kd_notes"]
+    report["agreement_scores"] = torch.cat(scores) if scores else torch.zeros(0)
+    report["agreement_labels"] = torch.cat(agree) if agree else torch.zeros(0)
+    report["block_divergence"] = torch.cat(divergence) if divergence else torch.zeros(0)
+    return report
+
+
+def agreement_report(scores: torch.Tensor, agree: torch.Tensor, tau: float) -> dict[str, float]:
+    """Rollback decision ``score < tau`` vs measured divergence (``agree == 0``): precision, recall, F1, rates."""
+    rollback = scores < tau
+    divergent = agree < 0.5
+    tp = float((rollback & divergent).sum())
+    fp = float((rollback & ~divergent).sum())
+    fn = float((~rollback & divergent).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    negatives = float((~divergent).sum())
+    return {
+        "tau": float(tau),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "false_rollback_rate": fp / negatives if negatives else 0.0,
+        "rollback_rate": float(rollback.float().mean()) if len(scores) else 0.0,
+        "divergent_rate": float(divergent.float().mean()) if len(scores) else 0.0,
+        "blocks": int(len(scores)),
+    }
+
+
+def choose_threshold(scores: torch.Tensor, agree: torch.Tensor, objective: str = "f1") -> float:
+    """tau in [0, 1] maximising ``objective`` of the rollback decision on these blocks."""
+    if scores.numel() == 0:
+        raise ValueError("no blocks to calibrate tau on; build a larger calibration split.")
+    values = torch.unique(scores.float())
+    candidates = torch.cat([torch.zeros(1), (values[1:] + values[:-1]) / 2, values, torch.ones(1)]).unique()
+    best, best_tau = -1.0, 0.0
+    for tau in candidates.tolist():
+        rep = agreement_report(scores, agree, tau)
+        value = rep["f1"] if objective == "f1" else rep["recall"] - rep["false_rollback_rate"]
+        if value > best + 1e-12:
+            best, best_tau = value, tau
+    return float(min(max(best_tau, 0.0), 1.0))

@@ -1,0 +1,34 @@
+"""``pdt data build --config recipe.yaml [key=value ...]``: build the distillation data set of a recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_data_parser"]
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .data.builder import build_dataset
+
+    recipe = load_recipe(args.config, args.overrides)
+    path = build_dataset(recipe, progress=not args.no_progress)
+    print(f"data set ready in {path}")
+    return 0
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``pdt data`` (with ``build``) on the ``pdt`` command's subparsers."""
+    data = subparsers.add_parser("data", help="build the teacher-distillation data set for training")
+    sub = data.add_subparsers(dest="data_command", required=True)
+    build = sub.add_parser(
+        "build",
+        help="teacher writes plans and serial sections; store per-stream targets in resumable Parquet shards",
+        description="Reads the model, pdt and data sections of a recipe (recipes/configs/*.yaml). Rerunning "
+        "after an interruption skips the shards already written.",
+    )
+    build.add_argument("--config", required=True, help="recipe YAML file, e.g. recipes/configs/smollm2-135m.yaml")
+    build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.build.max_prompts.train=32")
+    build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    build.set_defaults(func=_build)
+    return data

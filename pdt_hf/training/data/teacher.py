@@ -1,0 +1,157 @@
+"""The teacher: batched plan and section writing with HF ``generate``, then teacher-forced scoring.
+
+Design decisions:
+- Prompts are batched with left padding (``generate`` needs the last real token at the right edge); every
+  output is cut after its first end-of-turn token, which is kept so the student learns to stop.
+- Targets come from one teacher-forced forward over ``[context | section]`` (not from ``generate``'s scores):
+  its last hidden states give the pooled block states (note targets) and the section state (planner target),
+  and the LM head is applied only at the positions that predict section tokens, where the top-k log-probs are
+  kept as KD targets.
+- Sibling dependence: the same section is scored again with the student's own context (no earlier sections);
+  the per-token KL between the two teacher distributions over the full teacher's top-k buckets says how much
+  the section depends on sibling content. It weights the note-usage loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..losses import topk_bucket_kl
+from ..rounds import num_blocks, state_positions
+
+__all__ = ["SectionScore", "Teacher", "pad_left"]
+
+
+def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists -> ``(input_ids [N, T], attention_mask [N, T])``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+@dataclass
+class SectionScore:
+    """Teacher targets of one section of S tokens (nb blocks, d = teacher width, k = top-k)."""
+
+    topk_ids: list[list[int]]  # [S][k]
+    topk_logprobs: list[list[float]]  # [S][k]
+    block_states: list[list[float]]  # [nb][d], zeros where a block has no state position
+    section_state: list[float]  # [d]
+
+
+class Teacher:
+    """A causal LM plus tokenizer that writes and scores sections."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the teacher tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+        self.pad_id = int(pad)
+        eos = {tokenizer.eos_token_id}
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+        self.eos_ids = sorted(int(e) for e in eos if e is not None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        *,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        repetition_penalty: float,
+        seed: int,
+    ) -> list[list[int]]:
+        """Continue each token list; returns the new tokens of each, cut after the first eos (kept)."""
+        ids, mask = pad_left(prompts, self.pad_id)
+        torch.manual_seed(seed)
+        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        out = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            repetition_penalty=repetition_penalty,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+            **sampling,
+        )
+        results = []
+        for row in out[:, ids.shape[1]:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), len(row))
+            results.append(row[:cut])
+        return results
+
+    def _forward(self, contexts: list[list[int]], sections: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Last hidden states ``[N, T, d]`` of left-padded ``context + section`` rows and each row's pad offset."""
+        rows = [c + s for c, s in zip(contexts, sections)]
+        ids, mask = pad_left(rows, self.pad_id)
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        return hidden, [ids.shape[1] - len(r) for r in rows]
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[P, d]`` hidden states -> ``[P, V]`` fp32 log-probs."""
+        return torch.log_softmax(self.model.get_output_embeddings()(hidden).float(), dim=-1)
+
+    @torch.no_grad()
+    def score(
+        self, contexts: list[list[int]], sections: list[list[int]], top_k: int, block_size: int
+    ) -> list[SectionScore]:
+        """Teacher-forced targets for each ``(context, section)`` pair."""
+        hidden, offsets = self._forward(contexts, sections)
+        scores = []
+        for i, (ctx, sec) in enumerate(zip(contexts, sections)):
+            start = offsets[i] + len(ctx)
+            pred = hidden[i, start - 1 : start - 1 + len(sec)]  # [S, d] positions predicting x_0 .. x_{S-1}
+            top = self._logprobs(pred).topk(top_k, dim=-1)
+            states = torch.zeros(num_blocks(len(sec), block_size), hidden.shape[-1])
+            every = []
+            for r, group in enumerate(state_positions(len(sec), block_size)):
+                if group:
+                    idx = torch.tensor(group, device=hidden.device) + start
+                    states[r] = hidden[i, idx].float().mean(0).cpu()
+                    every.extend(group)
+            section_state = (
+                hidden[i, torch.tensor(every, device=hidden.device) + start].float().mean(0).cpu()
+                if every else torch.zeros(hidden.shape[-1])
+            )
+            scores.append(
+                SectionScore(
+                    topk_ids=top.indices.tolist(),
+                    topk_logprobs=top.values.tolist(),
+                    block_states=states.tolist(),
+                    section_state=section_state.tolist(),
+                )
+            )
+        return scores
+
+    @torch.no_grad()
+    def dependence(
+        self, contexts: list[list[int]], sections: list[list[int]], targets: list[SectionScore]
+    ) -> list[list[float]]:
+        """Per-token KL ``[S]`` from the targets' distribution to the teacher's under ``contexts`` (no siblings)."""
+        hidden, offsets = self._forward(contexts, sections)
+        out = []
+        for i, (ctx, sec) in enumerate(zip(contexts, sections)):
+            start = offsets[i] + len(ctx)
+            logp = self._logprobs(hidden[i, start - 1 : start - 1 + len(sec)])  # [S, V]
+            ids = torch.tensor(targets[i].topk_ids, device=logp.device)
+            teacher = torch.tensor(targets[i].topk_logprobs, device=logp.device)
+            out.append(topk_bucket_kl(teacher, logp.gather(-1, ids)).clamp(min=0).tolist())
+        return out

@@ -16,13 +16,25 @@ from .modeling import PDTForCausalLM, parameter_budget
 
 # Published sizes of Qwen2.5-7B (config.json of Qwen/Qwen2.5-7B-Instruct).
 QWEN25_7B = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, max_position_embeddings=32768, tie_word_embeddings=False,
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
 )
 # Published sizes of SmolLM2-135M (config.json of HuggingFaceTB/SmolLM2-135M-Instruct).
 SMOLLM2_135M = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
 )
 META_TRUNKS = {
     "smollm2-135m": lambda: transformers.LlamaConfig(**SMOLLM2_135M),
@@ -46,7 +58,12 @@ def print_budget(rows: dict[str, dict[str, float]], console: Console | None = No
         table.add_column(col, justify="right", no_wrap=True)
     for name, b in rows.items():
         table.add_row(
-            name, f"{b['trunk']:,}", f"{b['sidecar']:,}", f"{b['adapters']:,}", f"{b['snc']:,}", f"{b['heads']:,}",
+            name,
+            f"{b['trunk']:,}",
+            f"{b['sidecar']:,}",
+            f"{b['adapters']:,}",
+            f"{b['snc']:,}",
+            f"{b['heads']:,}",
             f"{100 * b['share']:.2f}%",
         )
     console = console or Console()

@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = sub.add_parser("budget", help="print the sidecar's parameter count and its share of the trunk")
     budget.add_argument("--model", default=None, help="trunk id or path (default: the embedded SmolLM2)")
     budget.add_argument(
-        "--trunk-size", action="append", choices=["smollm2-135m", "qwen2.5-7b"],
+        "--trunk-size",
+        action="append",
+        choices=["smollm2-135m", "qwen2.5-7b"],
         help="also count on a trunk of this published size, built on the meta device (repeatable)",
     )
     budget.set_defaults(func=_budget)
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .generation.cli import add_generate_parser
 
     add_generate_parser(sub)
+    from .evaluation.cli import add_eval_parsers
+    add_eval_parsers(sub)
     return parser
 
 

@@ -89,7 +89,9 @@ class PDTConfig:
             if not self.instrumented_layers or any(
                 isinstance(i, bool) or not isinstance(i, int) for i in self.instrumented_layers
             ):
-                raise ValueError(f"instrumented_layers must be a non-empty list of ints, got {self.instrumented_layers!r}")
+                raise ValueError(
+                    f"instrumented_layers must be a non-empty list of ints, got {self.instrumented_layers!r}"
+                )
             if len(set(self.instrumented_layers)) != len(self.instrumented_layers):
                 raise ValueError(f"instrumented_layers has duplicates: {self.instrumented_layers!r}")
         if self.format_version != FORMAT_VERSION:
@@ -106,7 +108,9 @@ class PDTConfig:
         hidden, num_layers = trunk_dims(trunk_config)
         layers = self.instrumented_layers
         if layers is None:
-            layers = sorted(set(range(self.instrument_every - 1, num_layers, self.instrument_every)) | {num_layers - 1})
+            layers = sorted(
+                set(range(self.instrument_every - 1, num_layers, self.instrument_every)) | {num_layers - 1}
+            )
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(

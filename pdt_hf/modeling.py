@@ -71,9 +71,11 @@ class PDTForCausalLM(nn.Module):
         hidden_size, _ = trunk_dims(trunk.config)
         self.trunk = trunk
         self.pdt_config = config
-        param = next(trunk.parameters())
-        dtype = param.dtype if param.is_floating_point() else torch.float32
-        self.sidecar = PDTSidecar(config, hidden_size).to(device=param.device, dtype=dtype)
+        # Sidecars take the trunk's compute dtype (a 4-bit trunk's packed weights are not floating point).
+        dtype = getattr(trunk, "dtype", torch.float32)
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        device = trunk.get_input_embeddings().weight.device
+        self.sidecar = PDTSidecar(config, hidden_size).to(device=device, dtype=dtype)
         for p in self.trunk.parameters():
             p.requires_grad_(False)
         self.hooks = SidecarHooks(trunk, self.sidecar, config.instrumented_layers).attach()
@@ -233,7 +235,9 @@ class PDTForCausalLM(nn.Module):
         note = heads.notes(hidden, mask)
         pooled = masked_mean(hidden, mask)
         coverage_logits = heads.coverage(note, plan_notes) if plan_notes is not None else None
-        own_coverage = coverage_logits.sigmoid().max(-1).values if coverage_logits is not None else note.new_zeros(note.shape[0])
+        own_coverage = (
+            coverage_logits.sigmoid().max(-1).values if coverage_logits is not None else note.new_zeros(note.shape[0])
+        )
         if isinstance(notes, DenseNotes):
             _, valid, _ = notes.resolved(1)
             w = valid.to(notes.notes.dtype).unsqueeze(-1)  # [N, M, 1]

@@ -21,6 +21,8 @@ def test_default_sidecar_under_five_percent(name: str, trunk_params: int) -> Non
 def test_budget_command_prints_the_table() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "pdt_hf.cli", "budget", "--trunk-size", "qwen2.5-7b"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "qwen2.5-7b" in out and "%" in out

@@ -53,8 +53,11 @@ def _saved(tmp_path) -> str:
 
 @pytest.mark.parametrize(
     "field,override",
-    [("hidden_size", {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}),
-     ("num_hidden_layers", {"num_hidden_layers": 3}), ("vocab_size", {"vocab_size": 64})],
+    [
+        ("hidden_size", {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}),
+        ("num_hidden_layers", {"num_hidden_layers": 3}),
+        ("vocab_size", {"vocab_size": 64}),
+    ],
 )
 def test_sidecar_for_another_trunk_names_the_field(tmp_path, field, override) -> None:
     _saved(tmp_path)

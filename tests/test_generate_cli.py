@@ -22,8 +22,22 @@ def model_dir(tmp_path):
 
 def test_generate_writes_json_and_summary(model_dir, tmp_path, capsys) -> None:
     out = tmp_path / "out.json"
-    code = main(["generate", "Explain tea.", "--model", str(model_dir), "--streams", "3", "--plan", "a; b; c",
-                 "--max-new-tokens", "12", "--json", str(out)])
+    code = main(
+        [
+            "generate",
+            "Explain tea.",
+            "--model",
+            str(model_dir),
+            "--streams",
+            "3",
+            "--plan",
+            "a; b; c",
+            "--max-new-tokens",
+            "12",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "sidecar is untrained" in printed

@@ -25,9 +25,15 @@ def _model(arch: str = "llama", **cfg) -> PDTForCausalLM:
 
 def _hf_greedy(trunk, ids: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
     input_ids = torch.tensor([ids])
-    out = trunk.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=eos, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    out = trunk.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt_oss"])
@@ -70,8 +76,17 @@ def test_forced_rollbacks_are_removed_regenerated_never_streamed() -> None:
         def on_rollback(self, stream, tokens, round):
             events.append(("rollback", stream, tokens))
 
-    out = model.generate(prompt=PROMPT, plan=PLAN, max_new_tokens=12, block_size=4, agreement_threshold=1.0,
-                         max_retries=2, do_sample=True, seed=3, streamer=Recorder())
+    out = model.generate(
+        prompt=PROMPT,
+        plan=PLAN,
+        max_new_tokens=12,
+        block_size=4,
+        agreement_threshold=1.0,
+        max_retries=2,
+        do_sample=True,
+        seed=3,
+        streamer=Recorder(),
+    )
     t = out.telemetry
     committed_blocks = [c for c in t.commits if c["committed"]]
     assert all(c["flagged"] for c in committed_blocks), "tau=1 can never pass: every commit is a flagged accept"
@@ -87,8 +102,15 @@ def test_forced_rollbacks_are_removed_regenerated_never_streamed() -> None:
 def test_no_stream_reads_own_or_young_notes() -> None:
     lag = 2
     model = _model(note_lag=lag)
-    out = model.generate(prompt=PROMPT, plan=PLAN, max_new_tokens=24, block_size=4, agreement_threshold=0.0,
-                         note_lag=lag, record_reads=True)
+    out = model.generate(
+        prompt=PROMPT,
+        plan=PLAN,
+        max_new_tokens=24,
+        block_size=4,
+        agreement_threshold=0.0,
+        note_lag=lag,
+        record_reads=True,
+    )
     reads = out.bus.reads
     assert reads, "the decoder must read the bus"
     seen_nonsnapshot = False
@@ -145,8 +167,15 @@ def test_iterator_streamer_and_custom_generate() -> None:
         model.tokenizer.decode(s, skip_special_tokens=True) for s in out.sequences
     ]
     ids = model.tokenizer(PROMPT, return_tensors="pt")
-    via_hf = model.trunk.generate(**ids, custom_generate=custom_generate, num_streams=3, plan=PLAN,
-                                  tokenizer=model.tokenizer, max_new_tokens=8, do_sample=False)
+    via_hf = model.trunk.generate(
+        **ids,
+        custom_generate=custom_generate,
+        num_streams=3,
+        plan=PLAN,
+        tokenizer=model.tokenizer,
+        max_new_tokens=8,
+        do_sample=False,
+    )
     direct = model.generate(prompt=PROMPT, plan=PLAN, max_new_tokens=8)
     assert via_hf.sequences == direct.sequences
 
@@ -163,8 +192,9 @@ def test_interrupt_keeps_committed_text() -> None:
             if self.calls == 4:
                 raise KeyboardInterrupt
 
-    out = model.generate(prompt=PROMPT, plan=PLAN, max_new_tokens=40, block_size=4, agreement_threshold=0.0,
-                         streamer=Interrupt())
+    out = model.generate(
+        prompt=PROMPT, plan=PLAN, max_new_tokens=40, block_size=4, agreement_threshold=0.0, streamer=Interrupt()
+    )
     assert out.telemetry.interrupted
     assert 0 < sum(len(s) for s in out.sequences) < 3 * 40
 

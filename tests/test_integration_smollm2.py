@@ -23,8 +23,9 @@ def smollm2() -> PDTForCausalLM:
 def test_identity_at_init_on_real_weights(smollm2: PDTForCausalLM) -> None:
     model = smollm2
     assert model.trunk.config.model_type == "llama" and model.trunk.num_parameters() == 134_515_008
-    ids = model.tokenizer(["The garden needs water and light.", "Coffee beans are roasted."], return_tensors="pt",
-                          padding=True)
+    ids = model.tokenizer(
+        ["The garden needs water and light.", "Coffee beans are roasted."], return_tensors="pt", padding=True
+    )
     notes = DenseNotes(notes=torch.randn(2, 4, model.pdt_config.d_note), lag=0)
     with torch.no_grad():
         with model.disable_sidecars():
@@ -39,9 +40,15 @@ def test_k1_detached_and_k3_identity_match_generate(smollm2: PDTForCausalLM) -> 
 
     def hf(ids: list[int], n: int) -> list[int]:
         x = torch.tensor([ids])
-        out = model.trunk.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                                   eos_token_id=eos, pad_token_id=tok.pad_token_id or 0)
-        return out[0, len(ids):].tolist()
+        out = model.trunk.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id or 0,
+        )
+        return out[0, len(ids) :].tolist()
 
     with model.disable_sidecars():
         expected = hf(render_ids(tok, stream_message(PROMPT, PLAN[:1], PLAN[0])), 12)

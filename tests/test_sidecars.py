@@ -27,8 +27,11 @@ from pdt_hf.trunk.architectures import decoder_layers
 OPTIONS = {
     "default": lambda: PDTConfig(num_streams=3),
     "all_layers": lambda: PDTConfig(
-        num_streams=2, instrumented_layers=[0, 1], adapter=AdapterConfig(rank=4, activation="silu"),
-        snc=SNCConfig(num_heads=2), d_note=32,
+        num_streams=2,
+        instrumented_layers=[0, 1],
+        adapter=AdapterConfig(rank=4, activation="silu"),
+        snc=SNCConfig(num_heads=2),
+        d_note=32,
     ),
 }
 CASES = [(arch, opt) for arch in TINY_CONFIGS for opt in OPTIONS]
@@ -129,7 +132,9 @@ def test_gradients_reach_every_sidecar_parameter(arch: str, opt: str) -> None:
             # Wraps each real layer so the hooks run inside the recomputed region.
             apply_activation_checkpointing(
                 model.trunk,
-                checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+                checkpoint_wrapper_fn=functools.partial(
+                    checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+                ),
                 check_fn=lambda m: m in real_layers,
             )
         out = model(**inputs, plan_notes=plan_notes)

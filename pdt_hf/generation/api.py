@@ -96,7 +96,10 @@ def multi_stream_generate(
         max_retries=max_retries if max_retries is not None else cfg.max_retries,
         max_new_tokens=max_new_tokens,
         stop_strings=(stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ()),
-        use_notes=use_notes, note_ablation=note_ablation, rollback=rollback, fast_attention=fast_attention,
+        use_notes=use_notes,
+        note_ablation=note_ablation,
+        rollback=rollback,
+        fast_attention=fast_attention,
     )
     if num_streams is not None:
         _check_positive("num_streams", num_streams)
@@ -111,8 +114,15 @@ def multi_stream_generate(
         raise ValueError(f"agreement_threshold must lie in [0, 1], got {settings.agreement_threshold}.")
     if note_ablation not in (None, "zero", "shuffle"):
         raise ValueError(f"note_ablation must be None, 'zero' or 'shuffle', got {note_ablation!r}.")
-    sampling = SamplingSettings(do_sample, temperature, top_p, top_k, seed,
-                                logits_processor or LogitsProcessorList(), stopping_criteria or StoppingCriteriaList())
+    sampling = SamplingSettings(
+        do_sample,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        logits_processor or LogitsProcessorList(),
+        stopping_criteria or StoppingCriteriaList(),
+    )
 
     if plan is None:
         plan = skeleton_plan(model.trunk, tokenizer, prompt, settings.num_streams)
@@ -149,8 +159,9 @@ def multi_stream_generate(
     eos = model.trunk.generation_config.eos_token_id if model.trunk.generation_config is not None else None
     eos = eos if eos is not None else tokenizer.eos_token_id
     eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-    decoder = MultiStreamDecoder(model, tokenizer, settings, TokenChooser(sampling, device), streamer, eos_ids,
-                                 record_reads=record_reads)
+    decoder = MultiStreamDecoder(
+        model, tokenizer, settings, TokenChooser(sampling, device), streamer, eos_ids, record_reads=record_reads
+    )
     output = decoder.run(plan, stream_prompts, prefix, suffixes)
     output.bus = decoder.bus
     return output
@@ -178,8 +189,15 @@ def custom_generate(
     if pdt is None or not pdt.hooks.attached:
         raise ValueError("custom_generate needs PDT sidecars attached: PDTForCausalLM.from_pretrained(trunk, ...).")
     return multi_stream_generate(
-        pdt, input_ids, tokenizer=tokenizer, num_streams=num_streams, plan=plan,
-        max_new_tokens=generation_config.max_new_tokens or 128, do_sample=bool(generation_config.do_sample),
-        logits_processor=logits_processor, streamer=streamer, seed=model_kwargs.get("seed"),
+        pdt,
+        input_ids,
+        tokenizer=tokenizer,
+        num_streams=num_streams,
+        plan=plan,
+        max_new_tokens=generation_config.max_new_tokens or 128,
+        do_sample=bool(generation_config.do_sample),
+        logits_processor=logits_processor,
+        streamer=streamer,
+        seed=model_kwargs.get("seed"),
         stop_strings=generation_config.stop_strings,
     )

@@ -67,14 +67,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     if sidecar is None and args.model is None:
         sidecar = shipped_sidecar()
     if sidecar is None:
-        console.print("[yellow]No trained sidecar given: the sidecar is untrained (identity), so the streams are "
-                      "plain parallel decoding with no learned coordination.[/yellow]")
+        console.print(
+            "[yellow]No trained sidecar given: the sidecar is untrained (identity), so the streams are "
+            "plain parallel decoding with no learned coordination.[/yellow]"
+        )
     start = time.perf_counter()
     model = PDTForCausalLM.from_pretrained(args.model, sidecar=sidecar)
     model.eval()
-    console.print(f"loaded {model.pdt_config.base_model_name_or_path} in {time.perf_counter() - start:.1f}s; "
-                  f"sidecar {model.sidecar_budget()['sidecar']:,} parameters "
-                  f"({100 * model.sidecar_budget()['share']:.2f}% of the trunk)")
+    console.print(
+        f"loaded {model.pdt_config.base_model_name_or_path} in {time.perf_counter() - start:.1f}s; "
+        f"sidecar {model.sidecar_budget()['sidecar']:,} parameters "
+        f"({100 * model.sidecar_budget()['share']:.2f}% of the trunk)"
+    )
     k = args.streams or model.pdt_config.num_streams
     if args.plan:
         plan = normalise_plan(args.plan)
@@ -86,8 +90,14 @@ def _run_generate(args: argparse.Namespace) -> int:
         view = LivePanels(plan, live)
         live.update(view.render())
         output = model.generate(
-            prompt=args.prompt, plan=plan, num_streams=k, max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0, temperature=args.temperature or 1.0, seed=args.seed, streamer=view,
+            prompt=args.prompt,
+            plan=plan,
+            num_streams=k,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature or 1.0,
+            seed=args.seed,
+            streamer=view,
         )
     t = output.telemetry
     if t.interrupted:
@@ -104,9 +114,19 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"prompt": args.prompt, "plan": plan, "texts": output.texts, "answer": output.answer,
-                       "sequences": output.sequences, "finish_reasons": output.finish_reasons,
-                       "telemetry": t.to_dict()}, handle, indent=2)
+            json.dump(
+                {
+                    "prompt": args.prompt,
+                    "plan": plan,
+                    "texts": output.texts,
+                    "answer": output.answer,
+                    "sequences": output.sequences,
+                    "finish_reasons": output.finish_reasons,
+                    "telemetry": t.to_dict(),
+                },
+                handle,
+                indent=2,
+            )
     torch.set_grad_enabled(True)
     return 130 if t.interrupted else 0
 

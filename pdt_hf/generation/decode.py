@@ -122,9 +122,16 @@ def _segment_mean(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 class MultiStreamDecoder:
     """Runs one multi-stream generation for a :class:`~pdt_hf.modeling.PDTForCausalLM`."""
 
-    def __init__(self, model, tokenizer, settings: DecodeSettings, chooser: TokenChooser,
-                 streamer: MultiStreamStreamer | None = None, eos_token_ids: set[int] | None = None,
-                 record_reads: bool = False) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: DecodeSettings,
+        chooser: TokenChooser,
+        streamer: MultiStreamStreamer | None = None,
+        eos_token_ids: set[int] | None = None,
+        record_reads: bool = False,
+    ) -> None:
         self.model, self.tokenizer, self.settings, self.chooser = model, tokenizer, settings, chooser
         self.streamer = streamer
         self.eos = eos_token_ids or set()
@@ -135,7 +142,9 @@ class MultiStreamDecoder:
 
     # ------------------------------------------------------------------ setup
     @torch.no_grad()
-    def prefill(self, prefix: list[int], suffixes: list[list[int]]) -> tuple[StreamKVCache, torch.Tensor, torch.Tensor]:
+    def prefill(
+        self, prefix: list[int], suffixes: list[list[int]]
+    ) -> tuple[StreamKVCache, torch.Tensor, torch.Tensor]:
         """Prefix once (bare trunk), then suffixes with sidecars. Returns (cache, next logits [K, V], planner notes)."""
         s, model, k = self.settings, self.model, len(suffixes)
         model.sidecar.context = None
@@ -170,9 +179,16 @@ class MultiStreamDecoder:
             )
         snc = sidecar.snc_layers
         bus = NoteBus(
-            num_streams=k, d_note=cfg.d_note, capacity=needed, note_lag=s.note_lag, note_window=s.note_window,
-            read_own_notes=cfg.read_own_notes, projectors=[layer.project_notes for layer in snc],
-            kv_shape=(snc[0].num_heads, snc[0].head_dim), device=self.device, dtype=planner_notes.dtype,
+            num_streams=k,
+            d_note=cfg.d_note,
+            capacity=needed,
+            note_lag=s.note_lag,
+            note_window=s.note_window,
+            read_own_notes=cfg.read_own_notes,
+            projectors=[layer.project_notes for layer in snc],
+            kv_shape=(snc[0].num_heads, snc[0].head_dim),
+            device=self.device,
+            dtype=planner_notes.dtype,
             record=self.record_reads,
         )
         bus.publish_snapshot(self._ablate(planner_notes))
@@ -200,8 +216,9 @@ class MultiStreamDecoder:
         return None
 
     @torch.no_grad()
-    def decode_block(self, states: list[StreamState], active: list[int], round: int, cache: StreamKVCache,
-                     next_logits: torch.Tensor) -> None:
+    def decode_block(
+        self, states: list[StreamState], active: list[int], round: int, cache: StreamKVCache, next_logits: torch.Tensor
+    ) -> None:
         """Every stream in ``active`` decodes up to B tokens; one batched forward per token."""
         for k in active:
             states[k].block, states[k].block_hidden, states[k].stop_reason = [], [], None
@@ -226,8 +243,14 @@ class MultiStreamDecoder:
             start = time.perf_counter()
             with cache.step(streams, 1) as kw:
                 kw = trunk_step_masks(self.model.trunk.config, kw)
-                out = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], stream_ids=streams,
-                                 notes=notes, past_key_values=cache, compute_heads=False, **kw)
+                out = self.model(
+                    input_ids=torch.tensor(tokens, device=self.device)[:, None],
+                    stream_ids=streams,
+                    notes=notes,
+                    past_key_values=cache,
+                    compute_heads=False,
+                    **kw,
+                )
             self.telemetry.timings.setdefault("steps", []).append(time.perf_counter() - start)
             self.telemetry.timings.setdefault("first_token", time.perf_counter() - self._t0)
             next_logits[rows] = out.logits[:, -1].to(next_logits.dtype)
@@ -236,8 +259,9 @@ class MultiStreamDecoder:
             self.telemetry.decoded_tokens += len(rows)
 
     @torch.no_grad()
-    def judge(self, states: list[StreamState], judged: list[int], round: int,
-              planner_notes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def judge(
+        self, states: list[StreamState], judged: list[int], round: int, planner_notes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Notes, own-item coverage and agreement score ``[J]`` for the blocks of ``judged``."""
         heads = self.model.sidecar.heads
         hidden = pad_sequence([torch.stack(states[k].block_hidden) for k in judged], batch_first=True)  # [J, n, d]
@@ -253,8 +277,9 @@ class MultiStreamDecoder:
         return notes, coverage, score
 
     # ------------------------------------------------------------------ the loop
-    def run(self, plan: list[str], stream_prompts: list[list[int]], prefix: list[int],
-            suffixes: list[list[int]]) -> MultiStreamOutput:
+    def run(
+        self, plan: list[str], stream_prompts: list[list[int]], prefix: list[int], suffixes: list[list[int]]
+    ) -> MultiStreamOutput:
         s = self.settings
         self._t0 = time.perf_counter()
         states = [StreamState(ids) for ids in stream_prompts]
@@ -279,15 +304,27 @@ class MultiStreamDecoder:
         self.telemetry.timings["total"] = time.perf_counter() - self._t0
         self.telemetry.coverage = [st.coverage for st in states]
         self.telemetry.notes_read = [st.notes_read for st in states]
-        texts = [self.tokenizer.decode(st.committed, skip_special_tokens=True).strip() if self.tokenizer else ""
-                 for st in states]
+        texts = [
+            self.tokenizer.decode(st.committed, skip_special_tokens=True).strip() if self.tokenizer else ""
+            for st in states
+        ]
         return MultiStreamOutput(
-            sequences=[st.committed for st in states], texts=texts, answer="\n\n".join(t for t in texts if t),
-            plan=plan, finish_reasons=[st.finish_reason or "interrupted" for st in states], telemetry=self.telemetry,
+            sequences=[st.committed for st in states],
+            texts=texts,
+            answer="\n\n".join(t for t in texts if t),
+            plan=plan,
+            finish_reasons=[st.finish_reason or "interrupted" for st in states],
+            telemetry=self.telemetry,
         )
 
-    def run_round(self, states: list[StreamState], round: int, cache: StreamKVCache, next_logits: torch.Tensor,
-                  planner_notes: torch.Tensor) -> None:
+    def run_round(
+        self,
+        states: list[StreamState],
+        round: int,
+        cache: StreamKVCache,
+        next_logits: torch.Tensor,
+        planner_notes: torch.Tensor,
+    ) -> None:
         """Decode one block per active stream, judge the blocks, publish the notes of committed ones."""
         active = [k for k, st in enumerate(states) if st.finish_reason is None]
         self.decode_block(states, active, round, cache, next_logits)
@@ -295,18 +332,36 @@ class MultiStreamDecoder:
         notes, coverage, score = self.judge(states, judged, round, planner_notes)
         publish = []
         for j, k in enumerate(judged):
-            publish += self._decide(states[k], k, round, cache, next_logits, float(score[j]), float(coverage[j]),
-                                    notes[j])
+            publish += self._decide(
+                states[k], k, round, cache, next_logits, float(score[j]), float(coverage[j]), notes[j]
+            )
         if publish:
             ids, vectors = zip(*publish)
             self.bus.publish(torch.tensor(ids, device=self.device), round, self._ablate(torch.stack(vectors)))
 
-    def _decide(self, state: StreamState, k: int, round: int, cache: StreamKVCache, next_logits: torch.Tensor,
-                score: float, coverage: float, note: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    def _decide(
+        self,
+        state: StreamState,
+        k: int,
+        round: int,
+        cache: StreamKVCache,
+        next_logits: torch.Tensor,
+        score: float,
+        coverage: float,
+        note: torch.Tensor,
+    ) -> list[tuple[int, torch.Tensor]]:
         s, n = self.settings, len(state.block)
         passed = score >= s.agreement_threshold or not s.rollback
-        event = {"stream": k, "round": round, "tokens": n, "score": score, "coverage": coverage,
-                 "retry": state.retries, "committed": True, "flagged": False}
+        event = {
+            "stream": k,
+            "round": round,
+            "tokens": n,
+            "score": score,
+            "coverage": coverage,
+            "retry": state.retries,
+            "committed": True,
+            "flagged": False,
+        }
         if not passed and state.retries < s.max_retries:
             cache.rollback(k, n)
             next_logits[k] = state.block_start_logits
@@ -328,7 +383,7 @@ class MultiStreamDecoder:
         if self.streamer is not None and self.tokenizer is not None:
             text = self.tokenizer.decode(state.committed, skip_special_tokens=True)
             if len(text) > len(state.emitted_text):
-                self.streamer.on_text(k, text[len(state.emitted_text):], round)
+                self.streamer.on_text(k, text[len(state.emitted_text) :], round)
                 self.telemetry.timings.setdefault("first_commit", time.perf_counter() - self._t0)
                 state.emitted_text = text
         return [(k, note)]

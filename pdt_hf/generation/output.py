@@ -32,9 +32,14 @@ class Telemetry:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "commits": self.commits, "rollbacks": self.rollbacks, "coverage": self.coverage,
-            "notes_read": self.notes_read, "timings": self.timings, "decoded_tokens": self.decoded_tokens,
-            "rolled_back_tokens": self.rolled_back_tokens, "rollback_rate": self.rollback_rate,
+            "commits": self.commits,
+            "rollbacks": self.rollbacks,
+            "coverage": self.coverage,
+            "notes_read": self.notes_read,
+            "timings": self.timings,
+            "decoded_tokens": self.decoded_tokens,
+            "rolled_back_tokens": self.rolled_back_tokens,
+            "rollback_rate": self.rollback_rate,
             "interrupted": self.interrupted,
         }
 

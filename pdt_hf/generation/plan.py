@@ -77,8 +77,11 @@ def skeleton_plan(
     device = next(trunk.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     out = trunk.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False,
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
-    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
     return parse_plan(text, num_streams)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-SECTION_INSTRUCTION = "{prompt}\n\nThe answer has these sections: {plan}.\nWrite only the section \"{item}\"."
+SECTION_INSTRUCTION = '{prompt}\n\nThe answer has these sections: {plan}.\nWrite only the section "{item}".'
 
 
 def stream_message(prompt: str, plan: Sequence[str], item: str) -> str:

@@ -32,3 +32,15 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.set_defaults(func=_build)
     return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m pdt_hf.training.cli data build ...``), same as ``pdt data build``."""
+    parser = argparse.ArgumentParser(prog="pdt")
+    add_data_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -63,7 +63,9 @@ def decoder_layers(trunk: nn.Module) -> nn.ModuleList:
     arch = architecture_for(trunk.config.model_type)
     layers = _get_path(trunk, arch.decoder_layers)
     if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{arch.decoder_layers} of {type(trunk).__name__} is {type(layers).__name__}, not nn.ModuleList")
+        raise TypeError(
+            f"{arch.decoder_layers} of {type(trunk).__name__} is {type(layers).__name__}, not nn.ModuleList"
+        )
     return layers
 
 

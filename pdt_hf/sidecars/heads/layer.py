@@ -85,8 +85,12 @@ class AgreementHead(nn.Module):
         """Features ``[N, d]``, ``[N, d_note]``, ``[N]``, ``[N, d_note]`` -> logit ``[N]``."""
         dtype = self.mlp[0].weight.dtype
         features = torch.cat(
-            [rms_norm(block_state.to(dtype)), notes_summary.to(dtype), coverage.to(dtype).unsqueeze(-1),
-             provisional_note.to(dtype)],
+            [
+                rms_norm(block_state.to(dtype)),
+                notes_summary.to(dtype),
+                coverage.to(dtype).unsqueeze(-1),
+                provisional_note.to(dtype),
+            ],
             dim=-1,
         )  # [N, d + 2 d_note + 1]
         return self.mlp(features).squeeze(-1)

@@ -1,0 +1,163 @@
+"""Markdown tables and PNG plots of a ``pdt eval`` result; JSON writing shared with ``pdt bench``.
+
+Design decisions:
+
+- Cells read ``mean [low, high]`` (95% percentile bootstrap over prompts). Paired differences are
+  ``method - pdt`` on the same prompts; a ``*`` marks an interval that excludes 0.
+- Plots use matplotlib's Agg backend (no display needed): one bar chart per metric with the interval as
+  error bars, and a reliability diagram of the agreement head per PDT variant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["eval_markdown", "plot_calibration", "plot_eval", "write_json"]
+
+_PLOTTED = ("fidelity", "redundancy_embedding", "redundancy_ngram4", "coverage_text", "coverage_head",
+            "rollback_rate", "tokens")
+_DIGITS = {"tokens": ".0f", "seconds": ".1f"}
+
+
+def write_json(data: Any, path: str) -> str:
+    """Write ``data`` as indented JSON (NaN/inf become null), creating the folder."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, np.generic):
+            return clean(value.item())
+        return value
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(clean(data), handle, indent=1)
+    return path
+
+
+def _cell(stat: dict | None, spec: str) -> str:
+    if not stat:
+        return "–"
+    return f"{format(stat['mean'], spec)} [{format(stat['low'], spec)}, {format(stat['high'], spec)}]"
+
+
+def _diff(stat: dict | None, spec: str) -> str:
+    if not stat:
+        return "–"
+    mark = "*" if stat["low"] > 0 or stat["high"] < 0 else ""
+    return f"{format(stat['diff'], '+' + spec)} [{format(stat['low'], '+' + spec)}, {format(stat['high'], '+' + spec)}]{mark}"
+
+
+def eval_markdown(result: dict, header: str = "") -> str:
+    """The eval tables: metrics per method, paired differences vs ``pdt``, agreement-head calibration."""
+    methods, summary = result["methods"], result["summary"]
+    lines = [header] if header else []
+    lines += ["| metric | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for metric in result["metrics"]:
+        spec = _DIGITS.get(metric, ".3f")
+        lines.append(f"| {metric} | " + " | ".join(_cell(summary[m].get(metric), spec) for m in methods) + " |")
+    paired = result["paired_vs_pdt"]
+    if paired:
+        others = list(paired)
+        lines += ["", "Paired differences, method − pdt over the same prompts (95% bootstrap CI; * excludes 0):", "",
+                  "| metric | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        for metric in result["metrics"]:
+            spec = _DIGITS.get(metric, ".3f")
+            lines.append(f"| {metric} | " + " | ".join(_diff(paired[m].get(metric), spec) for m in others) + " |")
+    calib = result["calibration"]
+    if calib:
+        lines += ["", f"Agreement head (tau = {result['tau']:.2f}); label 1 = block mean NLL under the serial trunk "
+                  f"<= {result['label_nll']:.3f} nats/token ({result['label_nll_source']}):", "",
+                  "| method | labelled blocks | label=1 rate | ECE [95% CI] | Brier [95% CI] | precision@tau "
+                  "| recall@tau | rolled back (unlabelled) |", "|---|---|---|---|---|---|---|---|"]
+        for method, c in calib.items():
+            if "ece" not in c:
+                lines.append(f"| {method} | 0 | – | – | – | – | – | {c['n_unlabelled']} |")
+                continue
+            ece = f"{c['ece']:.3f} [{c['ece_ci'][0]:.3f}, {c['ece_ci'][1]:.3f}]"
+            brier = f"{c['brier']:.3f} [{c['brier_ci'][0]:.3f}, {c['brier_ci'][1]:.3f}]"
+            lines.append(f"| {method} | {c['n']} | {c['label_rate']:.2f} | {ece} | {brier} | {c['precision']:.2f} "
+                         f"| {c['recall']:.2f} | {c['n_unlabelled']} |")
+    rules = result.get("serial_split_rules")
+    if rules:
+        lines += ["", "Serial answers split by: " + ", ".join(f"{k} {v}" for k, v in sorted(rules.items())) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_eval(result: dict, path: str, title: str = "") -> str:
+    """Bar chart per metric (mean, 95% CI error bars) for every method; writes ``path`` (PNG)."""
+    plt = _figure()
+    methods, summary = result["methods"], result["summary"]
+    metrics = [m for m in _PLOTTED if any(summary[x].get(m) for x in methods)]
+    cols = 4
+    rows = max(1, -(-len(metrics) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for axis, metric in zip(axes.flat, metrics):
+        stats = [summary[m].get(metric) for m in methods]
+        x = np.arange(len(methods))
+        means = np.array([s["mean"] if s else np.nan for s in stats])
+        err = np.array([[s["mean"] - s["low"] if s else 0 for s in stats], [s["high"] - s["mean"] if s else 0 for s in stats]])
+        axis.bar(x, means, yerr=err, capsize=3, color=[colors[i % len(colors)] for i in range(len(methods))])
+        axis.set_xticks(x, methods, rotation=40, ha="right", fontsize=7)
+        axis.set_title(metric, fontsize=9)
+        axis.grid(axis="y", alpha=0.3)
+    for axis in list(axes.flat)[len(metrics):]:
+        axis.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_calibration(result: dict, path: str, title: str = "") -> str:
+    """Reliability diagram (label rate against mean score per bin) and score histogram per PDT variant."""
+    plt = _figure()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect")
+    scores_by = {}
+    for method, c in result["calibration"].items():
+        if "bin_confidence" not in c:
+            continue
+        pts = [(x, y) for x, y in zip(c["bin_confidence"], c["bin_accuracy"]) if x is not None]
+        if pts:
+            left.plot(*zip(*pts), marker="o", label=f"{method} (ECE {c['ece']:.3f})")
+        scores_by[method] = [b["score"] for b in result["blocks"] if b["method"] == method]
+    left.axvline(result["tau"], color="red", lw=0.8, ls=":", label=f"tau = {result['tau']:.2f}")
+    left.set(xlabel="agreement score (bin mean)", ylabel="share of blocks with label 1", xlim=(0, 1), ylim=(0, 1.02),
+             title="reliability")
+    left.legend(fontsize=7)
+    bins = np.linspace(0, 1, 21)
+    for method, scores in scores_by.items():
+        right.hist(scores, bins=bins, alpha=0.5, label=method)
+    right.axvline(result["tau"], color="red", lw=0.8, ls=":")
+    right.set(xlabel="agreement score", ylabel="judged blocks", title="score histogram (incl. rolled back)")
+    right.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

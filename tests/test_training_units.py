@@ -38,13 +38,20 @@ NONE = NO_NOTES_ROUND
 def test_rounds_match_the_docstring_diagram():
     assert block_bounds(10, 4) == [0, 4, 8, 10]
     assert predicted_blocks(10, 4) == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
-    assert section_query_rounds(10, 4) == [1, 1, 1, 2, 2, 2, 2, 3, 3, NONE]
-    assert state_positions(10, 4) == [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
+    assert section_query_rounds(10, 4) == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+    assert state_positions(10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 @pytest.mark.parametrize(
     "length, block, states",
-    [(0, 4, []), (1, 4, [[]]), (2, 4, [[0]]), (4, 4, [[0, 1, 2]]), (5, 4, [[0, 1, 2], [3]]), (3, 1, [[], [0], [1]])],
+    [
+        (0, 4, []),
+        (1, 4, [[0]]),
+        (2, 4, [[0, 1]]),
+        (4, 4, [[0, 1, 2, 3]]),
+        (5, 4, [[0, 1, 2, 3], [4]]),
+        (3, 1, [[0], [1], [2]]),
+    ],
 )
 def test_state_positions_edges(length, block, states):
     assert state_positions(length, block) == states
@@ -97,8 +104,11 @@ def test_block_means_and_usage_hinge_exact():
 # ---------------------------------------------------------------------------------------------- notes
 def _visible(notes, row, token):
     q = notes.query_round[row, token]
-    return [m for m in range(notes.notes.shape[1])
-            if notes.note_valid[row, m] and notes.note_round[row, m] <= q - notes.lag]
+    return [
+        m
+        for m in range(notes.notes.shape[1])
+        if notes.note_valid[row, m] and notes.note_round[row, m] <= q - notes.lag
+    ]
 
 
 def test_row_notes_visibility_matches_decoding_rule():
@@ -146,7 +156,7 @@ def test_shipped_recipe_set_and_accelerate_configs():
 
 
 def test_overrides_by_stage_name_and_errors():
-    recipe = load_recipe(TINY_RECIPE, ["curriculum.adapters.steps=7", "train.lr_unused=1"][:1])
+    recipe = load_recipe(TINY_RECIPE, ["curriculum.adapters.steps=7"])
     assert recipe.curriculum[1].steps == 7
     with pytest.raises(ConfigError, match="unknown stage 'nope'"):
         load_recipe(TINY_RECIPE, ["curriculum.nope.steps=3"])
@@ -192,7 +202,9 @@ def test_plan_parsing_fallback_and_serial_message():
     text = "1. **Site Choice** - pick a sunny spot\n2. Soil: compost\n\n3. Planting\nmore prose here"
     assert parse_plan(text, 3) == ["Site Choice", "Soil", "Planting"]
     assert parse_plan("One long sentence of prose without any list at all, really.", 3) is None
-    prompt = "Write a short guide to starting a vegetable garden, covering site choice, soil preparation, and planting."
+    prompt = (
+        "Write a short guide to starting a vegetable garden, covering site choice, soil preparation, and planting."
+    )
     assert fallback_plan(prompt, 3) == (["Site choice", "Soil preparation", "Planting"], "prompt")
     assert fallback_plan("Tell me a joke.", 2)[1] == "generic"
     plan = ["A", "B"]

@@ -5,6 +5,12 @@
 - ``stats``: percentile bootstrap intervals, plain and paired.
 - ``embeddings``: the offline all-MiniLM-L6-v2 encoder (``sentence_transformers`` is imported only
   when an encoder is loaded).
+
+``pdt eval`` and ``pdt bench`` are built on these, in the order data flows: ``prompt_sets`` (prompts and
+plans) -> ``baselines`` (serial, Skeleton-of-Thought, PDT and ablations) -> ``evaluate`` (scores, CIs,
+paired differences, calibration) -> ``report`` (markdown, PNG, JSON); ``timing`` -> ``bench`` ->
+``bench_report`` for wall-clock runs; ``runtime`` loads the model, ``cli`` registers both commands.
+They are imported by module, not re-exported here.
 """
 
 from pdt_hf.evaluation.embeddings import default_encoder_path, load_sentence_encoder

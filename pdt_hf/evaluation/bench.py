@@ -56,7 +56,7 @@ class BenchConfig:
     """What ``pdt bench`` runs (CLI flags of the same names)."""
 
     ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 8])
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     repeats: int = 3
     warmup_tokens: int = 4
     prompt_lookup_num_tokens: int = 10

@@ -60,6 +60,29 @@ def _header(kind: str, args: argparse.Namespace, machine: dict[str, Any], sideca
     )
 
 
+def _set_threads(threads: str) -> int:
+    """Apply ``--threads`` and return the thread count used.
+
+    ``auto`` keeps torch's default unless the 1-minute load average is at least 0.5 (another job is running),
+    then uses 1 thread: on the 2-core machine of docs/benchmarks.md, two torch threads sharing the cores with a
+    training job took 51 s for a 32-token ``generate`` that one thread wrote in 1.9 s.
+    """
+    import torch
+
+    if threads == "auto":
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.5
+        count = 1 if busy else torch.get_num_threads()
+    else:
+        try:
+            count = int(threads)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise SystemExit(f"--threads {threads!r} must be 'auto' or a positive integer (1 when cores are shared).")
+    torch.set_num_threads(count)
+    return count
+
+
 def run_eval_command(args: argparse.Namespace) -> int:
     """``pdt eval``: run every method, score, write JSON + markdown + PNGs under ``--out``."""
     from .embeddings import load_sentence_encoder
@@ -74,6 +97,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             label_nll = float(label_nll)
         except ValueError:
             raise SystemExit(f"--label-nll {args.label_nll!r} must be 'auto' or a number of nats/token, e.g. 2.5.") from None
+    _set_threads(args.threads)
     items = load_eval_items(args.prompts, args.streams, args.limit)
     model, sidecar = load_model(args.model, args.sidecar, args.seed, args.dtype, num_streams=args.streams)
     encoder = load_sentence_encoder(args.encoder)
@@ -110,6 +134,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     config = BenchConfig(ks=args.ks, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                          warmup_tokens=args.warmup_tokens, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
                          seed=args.seed, methods=args.methods)
+    _set_threads(args.threads)
     items = load_eval_items(args.prompts, max(config.ks), args.num_prompts)
     model, sidecar = load_model(args.model, args.sidecar, args.seed, args.dtype)
     raw = run_bench(model, sidecar, items, config, progress=not args.no_progress)
@@ -140,6 +165,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sidecar", default=None, help="sidecar folder (default: the shipped one for SmolLM2, if any)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="trunk dtype")
     p.add_argument("--seed", type=int, default=0, help="seeds an untrained sidecar, sampling and the bootstrap")
+    p.add_argument("--threads", default="auto",
+                   help="torch intra-op threads, or 'auto': torch's default on an idle machine, 1 when the load "
+                        "average shows other jobs on the cores (oversubscribed threads stall each other)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -165,7 +193,7 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     _common(b)
     b.add_argument("--num-prompts", type=int, default=2, help="prompts timed (each repeat runs all of them)")
     b.add_argument("--ks", type=_int_list, default=[1, 2, 3, 4, 8], help="stream counts K, comma-separated")
-    b.add_argument("--max-new-tokens", type=int, default=24, help="N, tokens per stream (serial: K x N)")
+    b.add_argument("--max-new-tokens", type=int, default=16, help="N, tokens per stream (serial: K x N)")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats of every configuration")
     b.add_argument("--warmup-tokens", type=int, default=4, help="tokens per stream of the untimed warm-up pass")
     b.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="draft length of prompt lookup")

@@ -127,7 +127,9 @@ def _row(run: MethodRun, plan: Sequence[str], fidelity: float, encoder) -> dict[
 
 def _calibration(blocks: list[dict], tau: float, seed: int, n_resamples: int = 1000) -> dict[str, Any]:
     labelled = [b for b in blocks if b["label"] is not None]
-    out: dict[str, Any] = {"n_unlabelled": len(blocks) - len(labelled)}
+    rolled_back = sum(not b["committed"] for b in blocks)
+    # Unlabelled: rolled-back blocks (tokens unknown) and committed blocks holding only special tokens (EOS).
+    out: dict[str, Any] = {"n_rolled_back": rolled_back, "n_unlabelled": len(blocks) - len(labelled)}
     if not labelled:
         return out
     scores = np.array([b["score"] for b in labelled])

@@ -9,7 +9,7 @@ Design decisions:
                               the same hash as ``pdt data build`` with its default seed, so no prompt a
                               sidecar was trained on is evaluated
   a built data-set folder     its ``test/*.parquet`` shards (folder holding ``pdt_dataset.json``): the
-                              ``prompt`` and ``plan`` columns, i.e. the teacher's plans
+                              ``prompt``, ``plan`` and ``plan_source`` columns, i.e. the teacher's plans
   ``*.txt``                   one prompt a line
   ``*.jsonl``                 one object a line with a ``"prompt"`` field and an optional ``"plan"`` (a
                               list of section titles or an ``"a; b; c"`` string)
@@ -65,15 +65,18 @@ def pad_plan(prompt: str, plan: Sequence[str] | None, k: int) -> tuple[list[str]
     return items, source
 
 
-def _default_items() -> list[tuple[str, list[str] | None]]:
+Raw = list[tuple[str, list[str] | None, str]]
+
+
+def _default_items() -> Raw:
     from ..training.data.config import DataBuildConfig
     from ..training.data.sources import load_prompts, split_prompts
 
     config = DataBuildConfig()
-    return [(prompt, None) for prompt in split_prompts(load_prompts(config), config)["test"]]
+    return [(prompt, None, "") for prompt in split_prompts(load_prompts(config), config)["test"]]
 
 
-def _dataset_items(directory: str, split: str) -> list[tuple[str, list[str] | None]]:
+def _dataset_items(directory: str, split: str) -> Raw:
     import datasets
 
     files = sorted(glob.glob(os.path.join(directory, split, "*.parquet")))
@@ -86,10 +89,11 @@ def _dataset_items(directory: str, split: str) -> list[tuple[str, list[str] | No
     if "prompt" not in ds.column_names:
         raise ValueError(f"the shards of {directory!r} have no 'prompt' column (columns: {ds.column_names}).")
     plans = ds["plan"] if "plan" in ds.column_names else [None] * len(ds)
-    return [(str(p), list(plan) if plan else None) for p, plan in zip(ds["prompt"], plans)]
+    sources = ds["plan_source"] if "plan_source" in ds.column_names else ["file"] * len(ds)
+    return [(str(p), list(plan) if plan else None, str(src)) for p, plan, src in zip(ds["prompt"], plans, sources)]
 
 
-def _jsonl_items(path: str) -> list[tuple[str, list[str] | None]]:
+def _jsonl_items(path: str) -> Raw:
     items = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -104,13 +108,13 @@ def _jsonl_items(path: str) -> list[tuple[str, list[str] | None]]:
             plan = row.get("plan")
             if isinstance(plan, str):
                 plan = [p for p in plan.split(";")]
-            items.append((str(row["prompt"]).strip(), plan or None))
+            items.append((str(row["prompt"]).strip(), plan or None, ""))
     return items
 
 
-def _txt_items(path: str) -> list[tuple[str, list[str] | None]]:
+def _txt_items(path: str) -> Raw:
     with open(path, encoding="utf-8") as handle:
-        return [(line.strip(), None) for line in handle if line.strip()]
+        return [(line.strip(), None, "") for line in handle if line.strip()]
 
 
 def load_eval_items(source: str | None, num_streams: int, limit: int | None = None, split: str = "test") -> list[EvalItem]:
@@ -143,7 +147,7 @@ def load_eval_items(source: str | None, num_streams: int, limit: int | None = No
     if not raw:
         raise ValueError(f"--prompts {source!r} holds no prompts.")
     items = []
-    for prompt, plan in raw[:limit]:
+    for prompt, plan, recorded in raw[:limit]:
         items_plan, origin = pad_plan(prompt, plan, num_streams)
-        items.append(EvalItem(prompt=prompt, plan=items_plan, plan_source=origin))
+        items.append(EvalItem(prompt=prompt, plan=items_plan, plan_source=recorded or origin))
     return items

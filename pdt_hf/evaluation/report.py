@@ -78,15 +78,16 @@ def eval_markdown(result: dict, header: str = "") -> str:
         lines += ["", f"Agreement head (tau = {result['tau']:.2f}); label 1 = block mean NLL under the serial trunk "
                   f"<= {result['label_nll']:.3f} nats/token ({result['label_nll_source']}):", "",
                   "| method | labelled blocks | label=1 rate | ECE [95% CI] | Brier [95% CI] | precision@tau "
-                  "| recall@tau | rolled back (unlabelled) |", "|---|---|---|---|---|---|---|---|"]
+                  "| recall@tau | rolled back | other unlabelled (EOS only) |", "|---|---|---|---|---|---|---|---|---|"]
         for method, c in calib.items():
             if "ece" not in c:
-                lines.append(f"| {method} | 0 | – | – | – | – | – | {c['n_unlabelled']} |")
+                lines.append(f"| {method} | 0 | – | – | – | – | – | {c['n_rolled_back']} | "
+                             f"{c['n_unlabelled'] - c['n_rolled_back']} |")
                 continue
             ece = f"{c['ece']:.3f} [{c['ece_ci'][0]:.3f}, {c['ece_ci'][1]:.3f}]"
             brier = f"{c['brier']:.3f} [{c['brier_ci'][0]:.3f}, {c['brier_ci'][1]:.3f}]"
             lines.append(f"| {method} | {c['n']} | {c['label_rate']:.2f} | {ece} | {brier} | {c['precision']:.2f} "
-                         f"| {c['recall']:.2f} | {c['n_unlabelled']} |")
+                         f"| {c['recall']:.2f} | {c['n_rolled_back']} | {c['n_unlabelled'] - c['n_rolled_back']} |")
     rules = result.get("serial_split_rules")
     if rules:
         lines += ["", "Serial answers split by: " + ", ".join(f"{k} {v}" for k, v in sorted(rules.items())) + "."]
@@ -150,7 +151,7 @@ def plot_calibration(result: dict, path: str, title: str = "") -> str:
     left.legend(fontsize=7)
     bins = np.linspace(0, 1, 21)
     for method, scores in scores_by.items():
-        right.hist(scores, bins=bins, alpha=0.5, label=method)
+        right.hist(scores, bins=bins, histtype="step", lw=1.5, label=method)
     right.axvline(result["tau"], color="red", lw=0.8, ls=":")
     right.set(xlabel="agreement score", ylabel="judged blocks", title="score histogram (incl. rolled back)")
     right.legend(fontsize=7)

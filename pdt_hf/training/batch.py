@@ -60,7 +60,8 @@ class TrainBatch:
 
     def to(self, device: torch.device | str) -> TrainBatch:
         moved = {
-            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor)
+            f.name: getattr(self, f.name).to(device)
+            if isinstance(getattr(self, f.name), torch.Tensor)
             else getattr(self, f.name)
             for f in dataclasses.fields(self)
         }

@@ -47,7 +47,7 @@ def evaluate_split(
         shuffled = objective.build_notes(batch, planner, note_blocks, valid, ablate="shuffle")
         rows = torch.arange(n, device=batch.stream_ids.device).repeat(len(VARIANTS))
         hidden = objective.run_rows(batch, rows, concat_notes(true, none, shuffled), prefix)
-        kd_tok, lm_tok = objective._token_losses(batch, hidden, rows)
+        kd_tok, lm_tok = objective.token_losses(batch, hidden, rows)
         mask = batch.section_mask.repeat(len(VARIANTS), 1).float()
         count = float(batch.section_mask.sum())
         for i, v in enumerate(VARIANTS):
@@ -70,7 +70,10 @@ def evaluate_split(
         divergence.append(div[has].float().cpu())
     report = {k: v / max(tokens, 1.0) for k, v in sums.items()}
     report.update(
-        examples=len(examples), tokens=int(tokens), blocks=int(blocks), notes_mse=notes_mse / max(blocks, 1.0),
+        examples=len(examples),
+        tokens=int(tokens),
+        blocks=int(blocks),
+        notes_mse=notes_mse / max(blocks, 1.0),
         coverage_accuracy=cov_hits / max(cov_total, 1.0),
     )
     report["kd_gain_from_notes"] = report["kd_no_notes"] - report["kd_notes"]

@@ -133,15 +133,21 @@ def save_checkpoint(
     name = f"step-{state.global_step:06d}"
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=root)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in sidecar_state.items()},
-                  os.path.join(tmp, "sidecar.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in sidecar_state.items()},
+            os.path.join(tmp, "sidecar.safetensors"),
+        )
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer_state)
         save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         for rank, tensors in enumerate(rank_rng):
             save_file(tensors, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
         meta = {
-            "trainer": asdict(state), "optimizer": opt_meta, "scheduler": scheduler_state,
-            "python_rng": _python_rng(), "numpy_rng": _numpy_rng(), "resume_key": resume_key,
+            "trainer": asdict(state),
+            "optimizer": opt_meta,
+            "scheduler": scheduler_state,
+            "python_rng": _python_rng(),
+            "numpy_rng": _numpy_rng(),
+            "resume_key": resume_key,
         }
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=1, sort_keys=True)

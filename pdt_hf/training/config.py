@@ -36,8 +36,10 @@ class ModelConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute trunk activations in backward."})
     reuse_prefix_kv: str | bool = field(
         default="auto",
-        metadata={"help": "Run the shared prompt prefix once per example and reuse its KV in the stream rows; "
-                  "auto: on unless gradient checkpointing or sliding-window layers make it inexact."},
+        metadata={
+            "help": "Run the shared prompt prefix once per example and reuse its KV in the stream rows; "
+            "auto: on unless gradient checkpointing or sliding-window layers make it inexact."
+        },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the trunk's own modeling code."})
 
@@ -59,7 +61,9 @@ class LoopConfig:
 
     output_dir: str = field(default="outputs/train", metadata={"help": "Checkpoints, metrics and the final sidecar."})
     seed: int = field(default=0, metadata={"help": "Seeds the sidecar init, data order and every RNG."})
-    batch_size: int = field(default=4, metadata={"help": "Examples (prompts, K rows each) per optimizer step, all ranks."})
+    batch_size: int = field(
+        default=4, metadata={"help": "Examples (prompts, K rows each) per optimizer step, all ranks."}
+    )
     micro_batch_size: int = field(default=1, metadata={"help": "Examples per forward on one rank (accumulation)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
@@ -67,8 +71,10 @@ class LoopConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "Most recent checkpoints kept on disk."})
     sibling_notes: str = field(
         default="student",
-        metadata={"help": "Notes siblings publish in training: 'student' (notes head on the student's sibling "
-                  "blocks, from a no-grad pass, as in decoding) or 'teacher' (the projected teacher targets)."},
+        metadata={
+            "help": "Notes siblings publish in training: 'student' (notes head on the student's sibling "
+            "blocks, from a no-grad pass, as in decoding) or 'teacher' (the projected teacher targets)."
+        },
     )
     ablation: str = field(
         default="shuffle",
@@ -79,8 +85,10 @@ class LoopConfig:
     )
     agreement_divergence: float = field(
         default=1.0,
-        metadata={"help": "A block whose mean KL to the teacher's top-k distribution exceeds this (nats/token) "
-                  "is labelled 'disagree' for the agreement head."},
+        metadata={
+            "help": "A block whose mean KL to the teacher's top-k distribution exceeds this (nats/token) "
+            "is labelled 'disagree' for the agreement head."
+        },
     )
     sidecar_dtype: str = field(default="float32", metadata={"help": "Dtype of the trainable sidecar weights."})
     tensorboard: bool = field(default=True, metadata={"help": "Also write TensorBoard event files."})
@@ -113,8 +121,10 @@ class CalibrationConfig:
     max_examples: int | None = field(default=None, metadata={"help": "Cap on examples per evaluated split."})
     objective: str = field(
         default="f1",
-        metadata={"help": "How tau is chosen: 'f1' (best F1 of the rollback decision on divergent blocks) or "
-                  "'youden' (best recall minus false-rollback rate)."},
+        metadata={
+            "help": "How tau is chosen: 'f1' (best F1 of the rollback decision on divergent blocks) or "
+            "'youden' (best recall minus false-rollback rate)."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -56,7 +56,7 @@ def expand_families(names: list[str]) -> list[str]:
         elif name in FAMILIES:
             out.append(name)
         else:
-            raise ConfigError(f"unknown sidecar family {name!r}; use one of {['heads', *FAMILIES]}.")
+            raise ValueError(f"unknown sidecar family {name!r}; use one of {['heads', *FAMILIES]}.")
     return sorted(set(out), key=out.index)
 
 
@@ -82,7 +82,10 @@ class StageConfig:
             raise ValueError(f"{where} has steps={self.steps!r}; every stage needs at least 1 step (or remove it).")
         if not isinstance(self.trainable, list) or not self.trainable:
             raise ValueError(f"{where} must list its trainable sidecar families, e.g. trainable: [adapters].")
-        self.trainable = expand_families(self.trainable)
+        try:
+            self.trainable = expand_families(self.trainable)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         if not isinstance(self.losses, dict) or not self.losses:
             raise ValueError(f"{where} must give loss weights, e.g. losses: {{lm: 1.0, kd: 1.0}}.")
         unknown = sorted(set(self.losses) - set(LOSSES))
@@ -157,11 +160,17 @@ def default_curriculum(steps: tuple[int, int, int, int] = (100, 200, 200, 100)) 
         StageConfig("heads", ["heads.planner", "heads.notes"], {"notes": 1.0, "planner": 1.0}, steps[0]),
         StageConfig("adapters", ["adapters"], {"lm": 1.0, "kd": 1.0}, steps[1]),
         StageConfig(
-            "snc", ["snc", "heads.speculation"], {"lm": 1.0, "kd": 1.0, "speculation": 1.0, "usage": 1.0}, steps[2],
+            "snc",
+            ["snc", "heads.speculation"],
+            {"lm": 1.0, "kd": 1.0, "speculation": 1.0, "usage": 1.0},
+            steps[2],
             notes_visible=True,
         ),
         StageConfig(
-            "judges", ["heads.coverage", "heads.agreement"], {"coverage": 1.0, "agreement": 1.0}, steps[3],
+            "judges",
+            ["heads.coverage", "heads.agreement"],
+            {"coverage": 1.0, "agreement": 1.0},
+            steps[3],
             notes_visible=True,
         ),
     ]

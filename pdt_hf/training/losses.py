@@ -92,9 +92,7 @@ def agreement_labels(block_divergence: torch.Tensor, threshold: float) -> torch.
     return (block_divergence <= threshold).float()
 
 
-def usage_hinge(
-    kd_true: torch.Tensor, kd_ablated: torch.Tensor, weight: torch.Tensor, margin: float
-) -> torch.Tensor:
+def usage_hinge(kd_true: torch.Tensor, kd_ablated: torch.Tensor, weight: torch.Tensor, margin: float) -> torch.Tensor:
     """``sum w * relu(margin + kd_true - kd_ablated) / sum w`` over blocks (all ``[N, nb]``).
 
     ``weight`` is the teacher's measured dependence on sibling content (0 where none, e.g. the first section).

@@ -57,15 +57,26 @@ class MetricsLogger:
             self.writer.close()
 
 
+def _smooth(values: tuple[float, ...]) -> list[float]:
+    """Exponential moving average with a span of about a tenth of the series (raw values are drawn faintly)."""
+    alpha = 2.0 / (max(len(values) // 10, 1) + 1)
+    out, acc = [], values[0]
+    for v in values:
+        acc = alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
 def plot_losses(csv_path: str, png_path: str, title: str = "PDT curriculum") -> str:
-    """One panel per loss name (x: optimizer step), stage boundaries as dashed lines; returns ``png_path``."""
+    """One panel per loss name (x: optimizer step; faint raw values, a moving average on top), stage boundaries
+    as dashed lines; returns ``png_path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(csv_path)
-    names = sorted({r["name"] for r in rows if not r["name"].startswith("lr")})
+    names = sorted({r["name"] for r in rows if r["name"] not in ("lr", "step_seconds")})
     cols = min(3, max(len(names), 1))
     lines = -(-max(len(names), 1) // cols)
     fig, axes = plt.subplots(lines, cols, figsize=(4.2 * cols, 2.8 * lines), squeeze=False)
@@ -76,14 +87,16 @@ def plot_losses(csv_path: str, png_path: str, title: str = "PDT curriculum") -> 
         for stage in starts:
             pts = [(r["step"], r["value"]) for r in rows if r["name"] == name and r["stage"] == stage]
             if pts:
-                ax.plot(*zip(*pts), label=stage, linewidth=1.2)
+                steps, values = zip(*pts)
+                line = ax.plot(steps, values, linewidth=0.6, alpha=0.35)[0]
+                ax.plot(steps, _smooth(values), color=line.get_color(), linewidth=1.5, label=stage)
         for step in list(starts.values())[1:]:
             ax.axvline(step - 0.5, color="grey", linestyle="--", linewidth=0.6)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -103,7 +103,11 @@ class PDTObjective(nn.Module):
         return PrefixKV([torch.cat(k) for k in keys], [torch.cat(v) for v in values], mask, lengths)
 
     def run_rows(
-        self, batch: TrainBatch, rows: torch.Tensor, notes: DenseNotes | None, prefix: PrefixKV | None,
+        self,
+        batch: TrainBatch,
+        rows: torch.Tensor,
+        notes: DenseNotes | None,
+        prefix: PrefixKV | None,
         width: int | None = None,
     ) -> torch.Tensor:
         """Last hidden states ``[len(rows), S', d]`` of the stream parts of ``rows`` (``S' = width or S``)."""
@@ -164,7 +168,11 @@ class PDTObjective(nn.Module):
         return planner, blocks, batch.block_has_state
 
     def build_notes(
-        self, batch: TrainBatch, planner: torch.Tensor, blocks: torch.Tensor, valid: torch.Tensor,
+        self,
+        batch: TrainBatch,
+        planner: torch.Tensor,
+        blocks: torch.Tensor,
+        valid: torch.Tensor,
         ablate: str | None = None,
     ) -> DenseNotes:
         """Dense notes of every row; ``ablate`` (``shuffle``/``drop``) replaces the sibling block notes."""
@@ -175,7 +183,13 @@ class PDTObjective(nn.Module):
             blocks, valid = ablate_block_notes(blocks, valid, ablate)
         cfg = self.model.pdt_config
         return row_notes(
-            planner, blocks, valid, batch.example_index, batch.stream_ids, batch.query_round, cfg.note_lag,
+            planner,
+            blocks,
+            valid,
+            batch.example_index,
+            batch.stream_ids,
+            batch.query_round,
+            cfg.note_lag,
             cfg.read_own_notes,
         )
 
@@ -211,7 +225,7 @@ class PDTObjective(nn.Module):
             out["speculation"] = note_alignment_loss(spec, batch.note_targets[:, 1:], valid)
         kd_tok = None
         if {"lm", "kd", "usage", "agreement"} & set(weights):
-            kd_tok, lm_tok = self._token_losses(batch, hidden, rows)
+            kd_tok, lm_tok = self.token_losses(batch, hidden, rows)
             if "lm" in weights:
                 out["lm"] = masked_mean(lm_tok[:n], batch.section_mask)
             if "kd" in weights or "usage" in weights:
@@ -224,9 +238,9 @@ class PDTObjective(nn.Module):
         if {"coverage", "agreement"} & set(weights):
             plan_in = planner_in if planner_in is not None else planner
             plan_rows = plan_in.detach().view(batch.num_examples, batch.num_streams, -1)[batch.example_index]
-            cov_logits = heads.coverage(
-                note_pred.detach().flatten(0, 1), plan_rows.repeat_interleave(r, dim=0)
-            ).view(n, r, -1)  # [N, R, K]
+            cov_logits = heads.coverage(note_pred.detach().flatten(0, 1), plan_rows.repeat_interleave(r, dim=0)).view(
+                n, r, -1
+            )  # [N, R, K]
             if "coverage" in weights:
                 cov_valid = batch.block_has_state.unsqueeze(-1).expand_as(cov_logits)
                 out["coverage"] = masked_bce(cov_logits, batch.coverage, cov_valid)
@@ -236,7 +250,7 @@ class PDTObjective(nn.Module):
         out["loss"] = total
         return out
 
-    def _token_losses(
+    def token_losses(
         self, batch: TrainBatch, hidden: torch.Tensor, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token KD and LM CE ``[N', L]`` for every forwarded row."""
@@ -248,8 +262,13 @@ class PDTObjective(nn.Module):
         return kd_tok, section_cross_entropy(logits, batch.labels[rows])
 
     def agreement_logits(
-        self, batch: TrainBatch, kd_tok: torch.Tensor, states: torch.Tensor, note_pred: torch.Tensor,
-        cov_logits: torch.Tensor, notes: DenseNotes | None,
+        self,
+        batch: TrainBatch,
+        kd_tok: torch.Tensor,
+        states: torch.Tensor,
+        note_pred: torch.Tensor,
+        cov_logits: torch.Tensor,
+        notes: DenseNotes | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Agreement logits ``[N, R]``, labels from the measured per-block divergence to the teacher (never
         random) and that divergence (nats/token) ``[N, R]``."""
@@ -260,15 +279,21 @@ class PDTObjective(nn.Module):
             summary = visible_summary(true_notes, r)
         else:
             summary = note_pred.new_zeros(n, r, note_pred.shape[-1])
-        coverage = cov_logits.detach().sigmoid().max(-1).values  # [N, R]
+        own = batch.stream_ids.view(n, 1, 1).expand(n, r, 1)
+        coverage = cov_logits.detach().sigmoid().gather(-1, own).squeeze(-1)  # [N, R] own plan item, as decoding
         logits = self.sidecar.heads.agreement(
             states.detach().flatten(0, 1), summary.flatten(0, 1), coverage.flatten(), note_pred.detach().flatten(0, 1)
         ).view(n, r)
         return logits, agreement_labels(divergence, self.loop.agreement_divergence), divergence
 
     def _agreement(
-        self, batch: TrainBatch, kd_tok: torch.Tensor, states: torch.Tensor, note_pred: torch.Tensor,
-        cov_logits: torch.Tensor, notes: DenseNotes | None,
+        self,
+        batch: TrainBatch,
+        kd_tok: torch.Tensor,
+        states: torch.Tensor,
+        note_pred: torch.Tensor,
+        cov_logits: torch.Tensor,
+        notes: DenseNotes | None,
     ) -> dict[str, torch.Tensor]:
         logits, labels, _ = self.agreement_logits(batch, kd_tok, states, note_pred, cov_logits, notes)
         valid = batch.block_has_state

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
@@ -97,6 +97,12 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
     start = time.time()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"recipes/train.py does not support {accelerator.distributed_type.value}: the module it wraps holds only "
+            "the sidecar, which is small, and stages re-wrap it at every boundary. Launch with "
+            "recipes/accelerate/ddp.yaml (one full trunk copy per rank, 4-bit if needed)."
+        )
     loop, pdt_cfg = recipe.train, recipe.pdt
     if loop.batch_size % (world * loop.micro_batch_size):
         raise ValueError(
@@ -113,8 +119,12 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
     cfg = model.pdt_config
     manifest = load_manifest(recipe.data.path)
     check_compatible(manifest, cfg, recipe.data.path)
-    check_window(cfg.num_streams, -(-manifest["build_key"]["section_max_tokens"] // cfg.block_size),
-                 cfg.note_window, cfg.read_own_notes)
+    check_window(
+        cfg.num_streams,
+        -(-manifest["build_key"]["section_max_tokens"] // cfg.block_size),
+        cfg.note_window,
+        cfg.read_own_notes,
+    )
     projection = load_projection(recipe.data.path)
     train_set = load_split(recipe.data.path, "train", manifest)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -135,8 +145,12 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
             accelerator.print(f"resuming from {path} (step {state.global_step})")
     logger = MetricsLogger(loop.output_dir, loop.tensorboard, state.global_step if resume else None) if main else None
     stages = recipe.stages
-    bar = tqdm(total=sum(s.steps for s in stages), initial=state.global_step, desc="pdt train",
-               disable=not (loop.progress and main))
+    bar = tqdm(
+        total=sum(s.steps for s in stages),
+        initial=state.global_step,
+        desc="pdt train",
+        disable=not (loop.progress and main),
+    )
     per_rank = loop.batch_size // world
     for index in range(state.stage_index, len(stages)):
         stage = stages[index]
@@ -150,6 +164,7 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
         wrapped, optimizer = accelerator.prepare(objective, optimizer)
         wrapped.train()
         for _ in range(state.stage_step, stage.steps):
+            tic = time.time()
             order = example_order(state.cursor + rank * per_rank, per_rank, len(train_set), loop.seed)
             micro = [order[i : i + loop.micro_batch_size] for i in range(0, per_rank, loop.micro_batch_size)]
             sums: dict[str, torch.Tensor] = {}
@@ -170,6 +185,7 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
             means = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="mean").tolist()
             values = dict(zip(keys, means))
             values["lr"] = scheduler.get_last_lr()[0]
+            values["step_seconds"] = time.time() - tic
             state.stage_step += 1
             state.global_step += 1
             state.cursor += loop.batch_size
@@ -215,8 +231,14 @@ def _save(accelerator, root, state, model, optimizer, scheduler, recipe) -> None
     rngs = gather_object([rng_tensors()])
     if accelerator.is_main_process:
         save_checkpoint(
-            root, state, model.sidecar.state_dict(), optimizer.state_dict(), scheduler.state_dict(),
-            recipe.resume_key(), rngs, recipe.train.keep_checkpoints,
+            root,
+            state,
+            model.sidecar.state_dict(),
+            optimizer.state_dict(),
+            scheduler.state_dict(),
+            recipe.resume_key(),
+            rngs,
+            recipe.train.keep_checkpoints,
         )
         print(f"checkpoint step {state.global_step}", flush=True)
     accelerator.wait_for_everyone()
@@ -235,8 +257,14 @@ def _finish(recipe, objective, model, manifest, make_batch, logger, start, world
         reports[split] = evaluate_split(objective, [data[i] for i in range(count)], make_batch)
     if cal.split not in reports:
         raise ValueError(f"calibration split {cal.split!r} is empty; give it prompts (data.build.max_prompts).")
-    tau = choose_threshold(reports[cal.split]["agreement_scores"], reports[cal.split]["agreement_labels"],
-                           cal.objective)
+    data = load_split(recipe.data.path, cal.split, manifest)
+    count = len(data) if cal.max_examples is None else min(len(data), cal.max_examples)
+    with model.disable_sidecars():  # reference: the bare trunk reading its own stream prompt
+        bare = evaluate_split(objective, [data[i] for i in range(count)], make_batch)
+    reports[cal.split]["kd_bare_trunk"], reports[cal.split]["lm_bare_trunk"] = bare["kd_notes"], bare["lm_notes"]
+    tau = choose_threshold(
+        reports[cal.split]["agreement_scores"], reports[cal.split]["agreement_labels"], cal.objective
+    )
     model.pdt_config.agreement_threshold = tau
     model.save_pretrained(os.path.join(loop.output_dir, "sidecar"))
     evaluation = {}

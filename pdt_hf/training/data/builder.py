@@ -36,19 +36,29 @@ __all__ = ["build_dataset", "build_examples"]
 
 def _sampling(cfg: DataBuildConfig) -> dict[str, object]:
     return {
-        "do_sample": cfg.do_sample, "temperature": cfg.temperature, "top_p": cfg.top_p,
+        "do_sample": cfg.do_sample,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
         "repetition_penalty": cfg.repetition_penalty,
     }
 
 
 def build_examples(
-    prompts: list[str], teacher: Teacher, student_tokenizer: object, num_streams: int, block_size: int,
-    cfg: DataBuildConfig, fingerprint: dict, seed: int,
+    prompts: list[str],
+    teacher: Teacher,
+    student_tokenizer: object,
+    num_streams: int,
+    block_size: int,
+    cfg: DataBuildConfig,
+    fingerprint: dict,
+    seed: int,
 ) -> list[dict]:
     """Examples (one dict per prompt, K streams each) for a batch of prompts."""
     k_streams, tok = num_streams, teacher.tokenizer
     plans_raw = teacher.generate(
-        [render_ids(tok, plan_message(p, k_streams)) for p in prompts], cfg.plan_max_tokens, seed=seed,
+        [render_ids(tok, plan_message(p, k_streams)) for p in prompts],
+        cfg.plan_max_tokens,
+        seed=seed,
         **_sampling(cfg),
     )
     plans, sources = [], []
@@ -82,29 +92,33 @@ def build_examples(
         bounds = [block_bounds(len(s), block_size) for s in sections[i]]
         coverage = [
             coverage_labels(
-                [tok.decode(sec[b[r]:b[r + 1]], skip_special_tokens=True) for r in range(len(b) - 1)],
-                plans[i], k, cfg.coverage_min_overlap,
+                [tok.decode(sec[b[r] : b[r + 1]], skip_special_tokens=True) for r in range(len(b) - 1)],
+                plans[i],
+                k,
+                cfg.coverage_min_overlap,
             )
             for k, (sec, b) in enumerate(zip(sections[i], bounds))
         ]
-        examples.append({
-            "prompt_id": prompt_id(prompt),
-            "prompt": prompt,
-            "plan": plans[i],
-            "plan_source": sources[i],
-            "prefix_ids": prefix,
-            "suffix_ids": suffixes,
-            "section_ids": sections[i],
-            "block_bounds": bounds,
-            "note_targets": [s.block_states for s in scores[i]],
-            "section_targets": [s.section_state for s in scores[i]],
-            "kd_ids": [s.topk_ids for s in scores[i]],
-            "kd_logprobs": [s.topk_logprobs for s in scores[i]],
-            "sibling_dependence": dependence[i],
-            "coverage": coverage,
-            "schema_version": SCHEMA_VERSION,
-            "trunk_fingerprint": json.dumps(fingerprint, sort_keys=True),
-        })
+        examples.append(
+            {
+                "prompt_id": prompt_id(prompt),
+                "prompt": prompt,
+                "plan": plans[i],
+                "plan_source": sources[i],
+                "prefix_ids": prefix,
+                "suffix_ids": suffixes,
+                "section_ids": sections[i],
+                "block_bounds": bounds,
+                "note_targets": [s.block_states for s in scores[i]],
+                "section_targets": [s.section_state for s in scores[i]],
+                "kd_ids": [s.topk_ids for s in scores[i]],
+                "kd_logprobs": [s.topk_logprobs for s in scores[i]],
+                "sibling_dependence": dependence[i],
+                "coverage": coverage,
+                "schema_version": SCHEMA_VERSION,
+                "trunk_fingerprint": json.dumps(fingerprint, sort_keys=True),
+            }
+        )
     return examples
 
 
@@ -162,8 +176,10 @@ def build_dataset(recipe: RecipeConfig, progress: bool = True) -> str:
         "teacher": cfg.teacher or name,
         "teacher_hidden_size": int(teacher.model.config.hidden_size),
         "build_key": build_key(cfg, pdt),
-        "splits": {s: {"prompt_ids": [prompt_id(p) for p in splits[s]],
-                       "num_shards": -(-len(splits[s]) // cfg.shard_size)} for s in SPLITS},
+        "splits": {
+            s: {"prompt_ids": [prompt_id(p) for p in splits[s]], "num_shards": -(-len(splits[s]) // cfg.shard_size)}
+            for s in SPLITS
+        },
         "complete": False,
     }
     _check_manifest(directory, manifest)
@@ -172,7 +188,8 @@ def build_dataset(recipe: RecipeConfig, progress: bool = True) -> str:
     total = sum(len(v) for v in splits.values())
     done = sum(
         min(cfg.shard_size, len(splits[s]) - i * cfg.shard_size)
-        for s in SPLITS for i in range(manifest["splits"][s]["num_shards"])
+        for s in SPLITS
+        for i in range(manifest["splits"][s]["num_shards"])
         if os.path.exists(shard_path(directory, s, i))
     )
     bar = tqdm(total=total, initial=done, desc="pdt data build", unit="prompt", disable=not progress)
@@ -187,9 +204,11 @@ def build_dataset(recipe: RecipeConfig, progress: bool = True) -> str:
                 batch = prompts[start : start + cfg.batch_size]
                 bar.set_postfix(split=split, shard=shard)
                 seed = cfg.seed * 1_000_003 + SPLITS.index(split) * 10_007 + shard * 101 + start
-                rows.extend(build_examples(
-                    batch, teacher, tokenizer, pdt.num_streams, pdt.block_size, cfg, pdt.trunk_fingerprint, seed
-                ))
+                rows.extend(
+                    build_examples(
+                        batch, teacher, tokenizer, pdt.num_streams, pdt.block_size, cfg, pdt.trunk_fingerprint, seed
+                    )
+                )
                 bar.update(len(batch))
             _write_shard(path, rows)
     bar.close()

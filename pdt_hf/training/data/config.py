@@ -13,8 +13,10 @@ class DataBuildConfig:
 
     source: str | None = field(
         default=None,
-        metadata={"help": "Prompts: a .jsonl/.json/.parquet/.csv/.txt file, a Hub dataset name (online), or None "
-                  "for the shipped pdt_hf/resources/prompts.txt."},
+        metadata={
+            "help": "Prompts: a .jsonl/.json/.parquet/.csv/.txt file, a Hub dataset name (online), or None "
+            "for the shipped pdt_hf/resources/prompts.txt."
+        },
     )
     source_split: str = field(default="train", metadata={"help": "Split of the source data set to read."})
     prompt_column: str = field(
@@ -44,8 +46,10 @@ class DataBuildConfig:
     repetition_penalty: float = field(default=1.1, metadata={"help": "Teacher repetition penalty while writing."})
     coverage_min_overlap: float = field(
         default=0.5,
-        metadata={"help": "A block also covers another stream's plan item if it holds at least this share of "
-                  "the item's content words (its own item is always covered)."},
+        metadata={
+            "help": "A block also covers another stream's plan item if it holds at least this share of "
+            "the item's content words (its own item is always covered)."
+        },
     )
 
     def __post_init__(self) -> None:

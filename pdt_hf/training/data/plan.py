@@ -33,10 +33,50 @@ PLAN_INSTRUCTION = (
 )
 GENERIC_TITLES = ("Overview", "Key details", "Practical advice", "Examples", "Common mistakes", "Summary")
 _STOP = {
-    "about", "after", "also", "and", "before", "between", "both", "each", "from", "have", "into", "like", "more",
-    "most", "over", "some", "such", "than", "that", "their", "them", "then", "there", "these", "they", "this",
-    "those", "through", "what", "when", "where", "which", "while", "with", "your", "ways", "how", "why", "the",
+    "about",
+    "after",
+    "also",
+    "and",
+    "before",
+    "between",
+    "both",
+    "each",
+    "from",
+    "have",
+    "into",
+    "like",
+    "more",
+    "most",
+    "over",
+    "some",
+    "such",
+    "than",
+    "that",
+    "their",
+    "them",
+    "then",
+    "there",
+    "these",
+    "they",
+    "this",
+    "those",
+    "through",
+    "what",
+    "when",
+    "where",
+    "which",
+    "while",
+    "with",
+    "your",
+    "ways",
+    "how",
+    "why",
+    "the",
 }
+_CUES = re.compile(
+    r"[:?]|\b(?:covering|including|cover|in terms of|split into|help with|through|about|into|between|with|in|for)\b",
+    re.IGNORECASE,
+)
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.)]|[a-zA-Z][.)]|#+|section\s+\d+\s*[:.-])\s*", re.IGNORECASE)
 
 
@@ -71,14 +111,19 @@ def parse_plan(text: str, k: int) -> list[str] | None:
 
 
 def fallback_plan(prompt: str, k: int) -> tuple[list[str], str]:
-    """``(plan, source)``: the parts the prompt enumerates, else generic titles."""
+    """``(plan, source)``: the parts the prompt enumerates, else generic titles.
+
+    The prompt is cut after a colon, a question mark or a cue word ("covering", "about", ...); the shortest
+    tail that lists at least K comma/and-separated parts gives the plan.
+    """
     text = prompt.strip().rstrip(".?!")
-    tail = re.split(r":|\b(?:covering|including|cover|in terms of|split into|help with|through)\b", text)[-1]
-    parts = [p.strip() for p in re.split(r",|;|\band\b|\bor\b", tail)]
-    parts = [re.sub(r"^(?:the|a|an|how|what|why)\s+", "", p, flags=re.IGNORECASE) for p in parts]
-    parts = [p for p in parts if p and len(p.split()) <= 8]
-    if len(parts) >= k:
-        return [p[0].upper() + p[1:] for p in parts[:k]], "prompt"
+    cuts = [0] + [m.end() for m in _CUES.finditer(text)]
+    for start in sorted(set(cuts), reverse=True):
+        parts = [p.strip() for p in re.split(r",|;|\band\b|\bor\b", text[start:])]
+        parts = [re.sub(r"^(?:the|a|an|how|what|why)\s+", "", p, flags=re.IGNORECASE) for p in parts]
+        parts = [p for p in parts if p and len(p.split()) <= 8]
+        if len(parts) >= k:
+            return [p[0].upper() + p[1:] for p in parts[:k]], "prompt"
     return [GENERIC_TITLES[i % len(GENERIC_TITLES)] for i in range(k)], "generic"
 
 
@@ -88,7 +133,7 @@ def serial_message(prompt: str, plan: Sequence[str], index: int, earlier: Sequen
         return stream_message(prompt, plan, plan[index])
     written = "\n\n".join(f"{plan[i]}:\n{text.strip()}" for i, text in enumerate(earlier))
     head = SECTION_INSTRUCTION.split("Write only", 1)[0].format(prompt=prompt.strip(), plan="; ".join(plan))
-    return f"{head}Sections written so far:\n\n{written}\n\nWrite only the section \"{plan[index]}\"."
+    return f'{head}Sections written so far:\n\n{written}\n\nWrite only the section "{plan[index]}".'
 
 
 def content_words(text: str) -> set[str]:

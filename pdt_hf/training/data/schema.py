@@ -42,13 +42,26 @@ __all__ = [
     "shard_path",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "pdt_dataset.json"
 PROJECTION_NAME = "note_projection.safetensors"
 EXAMPLE_COLUMNS = (
-    "prompt_id", "prompt", "plan", "plan_source", "prefix_ids", "suffix_ids", "section_ids", "block_bounds",
-    "note_targets", "section_targets", "kd_ids", "kd_logprobs", "sibling_dependence", "coverage",
-    "schema_version", "trunk_fingerprint",
+    "prompt_id",
+    "prompt",
+    "plan",
+    "plan_source",
+    "prefix_ids",
+    "suffix_ids",
+    "section_ids",
+    "block_bounds",
+    "note_targets",
+    "section_targets",
+    "kd_ids",
+    "kd_logprobs",
+    "sibling_dependence",
+    "coverage",
+    "schema_version",
+    "trunk_fingerprint",
 )
 
 
@@ -64,7 +77,10 @@ def build_key(cfg: DataBuildConfig, pdt: PDTConfig) -> dict:
     """Everything a shard's content depends on (compared when a build resumes)."""
     key = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}
     key.update(
-        schema_version=SCHEMA_VERSION, num_streams=pdt.num_streams, block_size=pdt.block_size, d_note=pdt.d_note,
+        schema_version=SCHEMA_VERSION,
+        num_streams=pdt.num_streams,
+        block_size=pdt.block_size,
+        d_note=pdt.d_note,
         trunk_fingerprint=pdt.trunk_fingerprint,
     )
     return json.loads(json.dumps(key, sort_keys=True))
@@ -95,7 +111,9 @@ def fit_projection(directory: str, num_train_shards: int, d_note: int) -> NotePr
     ds = datasets.Dataset.from_parquet(files)
     states = [
         torch.tensor(block, dtype=torch.float64)
-        for example in ds["note_targets"] for stream in example for block in stream
+        for example in ds["note_targets"]
+        for stream in example
+        for block in stream
     ]
     states = [s for s in states if bool(s.abs().sum() > 0)]
     if not states:

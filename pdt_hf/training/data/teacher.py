@@ -32,8 +32,8 @@ def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -92,7 +92,7 @@ class Teacher:
             **sampling,
         )
         results = []
-        for row in out[:, ids.shape[1]:].tolist():
+        for row in out[:, ids.shape[1] :].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), len(row))
             results.append(row[:cut])
         return results
@@ -129,7 +129,8 @@ class Teacher:
                     every.extend(group)
             section_state = (
                 hidden[i, torch.tensor(every, device=hidden.device) + start].float().mean(0).cpu()
-                if every else torch.zeros(hidden.shape[-1])
+                if every
+                else torch.zeros(hidden.shape[-1])
             )
             scores.append(
                 SectionScore(

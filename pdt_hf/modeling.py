@@ -235,9 +235,11 @@ class PDTForCausalLM(nn.Module):
         note = heads.notes(hidden, mask)
         pooled = masked_mean(hidden, mask)
         coverage_logits = heads.coverage(note, plan_notes) if plan_notes is not None else None
-        own_coverage = (
-            coverage_logits.sigmoid().max(-1).values if coverage_logits is not None else note.new_zeros(note.shape[0])
-        )
+        # The agreement head reads the coverage of the row's own plan item (item k for stream k), as in decoding.
+        own_coverage = note.new_zeros(note.shape[0])
+        if coverage_logits is not None:
+            item = ctx.stream_ids.clamp(max=coverage_logits.shape[-1] - 1)
+            own_coverage = coverage_logits.sigmoid().gather(-1, item[:, None]).squeeze(-1)
         if isinstance(notes, DenseNotes):
             _, valid, _ = notes.resolved(1)
             w = valid.to(notes.notes.dtype).unsqueeze(-1)  # [N, M, 1]

@@ -241,3 +241,27 @@ def test_example_order_is_a_pure_function_of_the_cursor():
     assert example_order(4, 8, 5, seed=3) == whole[4:]
     assert sorted(whole[:5]) == list(range(5)) and sorted(whole[5:10]) == list(range(5))
     assert whole[:5] != whole[5:10] or whole[:5] != example_order(0, 5, 5, seed=4)
+
+
+def test_shipped_smollm2_sidecar_matches_the_trunk_layout():
+    """The committed sidecar loads onto a SmolLM2-135M-shaped trunk (built on the meta device) and carries tau."""
+    import transformers
+
+    from pdt_hf import PDTConfig, PDTForCausalLM
+    from pdt_hf.budget import SMOLLM2_135M
+    from pdt_hf.checkpoint import load_sidecar_weights
+
+    directory = os.path.join(REPO, "pdt_hf", "resources", "sidecar-smollm2-135m")
+    config = PDTConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        trunk = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMOLLM2_135M))
+        model = PDTForCausalLM(trunk, config)
+    tensors = load_sidecar_weights(directory, model.sidecar.state_dict())
+    assert config.trunk_fingerprint == {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "vocab_size": 49152,
+    }
+    assert 0.0 < config.agreement_threshold < 1.0 and config.agreement_threshold != 0.5
+    assert any(float(t.abs().sum()) > 0 for k, t in tensors.items() if k.endswith(".up"))

@@ -4,17 +4,18 @@ Design decisions:
 
 - Methods (``K`` streams of ``N`` tokens each, ``N = --max-new-tokens``):
 
-  =================  ======================================================================================
-  ``serial``         HF ``generate``, one prompt (the eval's serial message for the largest K's plan), run
-                     once to ``max(K) * N`` tokens; the time to write ``K * N`` tokens is read off the same
-                     run for every K (``TokenClock``): what a serial run of that length would have taken
-  ``prompt-lookup``  the same with ``prompt_lookup_num_tokens``: speculative decoding whose draft is
-                     n-gram lookup in the prompt, so no second model is loaded (an assistant model would
-                     need one); greedy, so it writes what serial writes
-  ``hf-batch``       HF ``generate`` on the batch of the K stream prompts (left padded), SoT's usual way
-  ``pdt-off``        PDT ``generate``, note bus off (``use_notes=False``), rollback on
-  ``pdt-on``         PDT ``generate`` as shipped: bus on, rollback on
-  =================  ======================================================================================
+  ===================  ======================================================================================
+  ``serial``           HF ``generate``, one prompt (the eval's serial message for the largest K's plan), run
+                       once to ``max(K) * N`` tokens; the time to write ``K * N`` tokens is read off the same
+                       run for every K (``TokenClock``): what a serial run of that length would have taken
+  ``prompt-lookup``    the same with ``prompt_lookup_num_tokens``: speculative decoding whose draft is
+                       n-gram lookup in the prompt, so no second model is loaded (an assistant model would
+                       need one); greedy, so it writes what serial writes
+  ``hf-batch``         HF ``generate`` on the batch of the K stream prompts (left padded), SoT's usual way
+  ``pdt-off``          PDT ``generate``, note bus off (``use_notes=False``), rollback on
+  ``pdt-on``           PDT ``generate`` as shipped: bus on, rollback on
+  ``pdt-no-rollback``  bus on, rollback off: the decoding machinery without the agreement head's rollbacks
+  ===================  ======================================================================================
 
 - Every method writes exactly its token count: HF calls get ``min_new_tokens = max_new_tokens`` (EOS
   cannot end them), PDT calls suppress every EOS id with ``SuppressTokensLogitsProcessor`` and have no
@@ -48,7 +49,7 @@ from .timing import ForwardClock, TokenClock, peak_memory
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "run_bench"]
 
-BENCH_METHODS = ("serial", "prompt-lookup", "hf-batch", "pdt-off", "pdt-on")
+BENCH_METHODS = ("serial", "prompt-lookup", "hf-batch", "pdt-off", "pdt-on", "pdt-no-rollback")
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Bench:
         written = (out.shape[1] - width) * len(prompts)
         return {"committed": written, "decoded": written, "rollbacks": 0}, clock, start
 
-    def _pdt(self, item: EvalItem, k: int, tokens: int, bus: bool) -> tuple[dict, float]:
+    def _pdt(self, item: EvalItem, k: int, tokens: int, bus: bool, rollback: bool) -> tuple[dict, float]:
         untrained = self.sidecar_for(k) != self.label or self.label == "untrained"
         processors = LogitsProcessorList([SuppressTokensLogitsProcessor(self.eos, device=self.device)])
         view = FirstText()
@@ -152,7 +153,7 @@ class Bench:
         with self.pdt_model(k) as model:
             out = model.generate(
                 prompt=item.prompt, plan=item.plan[:k], num_streams=k, max_new_tokens=tokens, do_sample=False,
-                seed=self.config.seed, use_notes=bus, rollback=True, logits_processor=processors,
+                seed=self.config.seed, use_notes=bus, rollback=rollback, logits_processor=processors,
                 agreement_threshold=0.0 if untrained else None, streamer=view,
             )
         t = out.telemetry
@@ -171,8 +172,9 @@ class Bench:
             elif method == "hf-batch":
                 prompts = [render_ids(self.tok, stream_message(item.prompt, item.plan[:k], x)) for x in item.plan[:k]]
                 record, clock, start = self._hf(prompts, tokens, lookup=False)
-            elif method in ("pdt-off", "pdt-on"):
-                record, start = self._pdt(item, k, tokens, bus=method == "pdt-on")
+            elif method in ("pdt-off", "pdt-on", "pdt-no-rollback"):
+                bus, rollback = method != "pdt-off", method != "pdt-no-rollback"
+                record, start = self._pdt(item, k, tokens, bus=bus, rollback=rollback)
                 clock = None
             else:
                 raise ValueError(f"unknown bench method {method!r}; choose from {list(BENCH_METHODS)}.")

@@ -23,7 +23,7 @@ __all__ = ["load_model", "machine_info"]
 
 
 def load_model(model: str | None, sidecar: str | None, seed: int = 0, dtype: str = "float32", num_streams: int = 3):
-    """``(PDTForCausalLM in eval mode, sidecar label)``; the label is the sidecar path or ``"untrained"``.
+    """``(PDTForCausalLM in eval mode, sidecar label)``: ``"shipped (NAME)"``, the given path, or ``"untrained"``.
 
     An untrained sidecar gets ``num_streams`` adapters (at least 3, the default); the model moves to CUDA
     when one is available.
@@ -36,7 +36,8 @@ def load_model(model: str | None, sidecar: str | None, seed: int = 0, dtype: str
         raise ValueError(f"--dtype {dtype!r} is not supported; use float32, bfloat16 or float16.")
     if sidecar is not None and not os.path.isdir(sidecar):
         raise FileNotFoundError(f"--sidecar {sidecar!r} is not a folder; pass a folder holding pdt_config.json.")
-    if sidecar is None and model is None:
+    shipped = sidecar is None and model is None and shipped_sidecar() is not None
+    if shipped:
         sidecar = shipped_sidecar()
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = {} if dtype == "float32" else {"dtype": getattr(torch, dtype)}
@@ -49,6 +50,8 @@ def load_model(model: str | None, sidecar: str | None, seed: int = 0, dtype: str
     for name in ("pad_token_id", "eos_token_id"):
         if getattr(loaded.trunk.generation_config, name, None) is None and loaded.tokenizer is not None:
             setattr(loaded.trunk.generation_config, name, getattr(loaded.tokenizer, name))
+    if shipped:
+        return loaded, f"shipped ({os.path.basename(os.fspath(sidecar))})"
     return loaded, (os.fspath(sidecar) if sidecar else "untrained")
 
 

@@ -66,6 +66,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     sidecar = args.sidecar
     if sidecar is None and args.model is None:
         sidecar = shipped_sidecar()
+    if sidecar is not None and args.sidecar is None:
+        console.print(f"using the trained sidecar shipped for the embedded SmolLM2 ({sidecar})")
     if sidecar is None:
         console.print(
             "[yellow]No trained sidecar given: the sidecar is untrained (identity), so the streams are "

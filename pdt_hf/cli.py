@@ -34,12 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget.set_defaults(func=_budget)
 
+    from .evaluation.cli import add_eval_parsers
     from .generation.cli import add_generate_parser
     from .training.cli import add_data_parser
 
     add_generate_parser(sub)
     add_data_parser(sub)
-    from .evaluation.cli import add_eval_parsers
     add_eval_parsers(sub)
     return parser
 

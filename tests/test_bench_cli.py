@@ -37,8 +37,14 @@ def test_forward_clock_counts_every_forward_of_generate() -> None:
     trunk = tiny_trunk("llama")
     ids = torch.tensor([[1, 5, 6, 7]])
     with ForwardClock(trunk) as clock:
-        trunk.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                       pad_token_id=0)
+        trunk.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=5,
+            min_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert [e[2] for e in clock.events] == [4.0, 1.0, 1.0, 1.0, 1.0]
     assert all(e[1] >= e[0] for e in clock.events)
 
@@ -55,19 +61,37 @@ def test_token_clock_time_to() -> None:
 
 
 def _run(method, k, prompt, repeat, wall, steps, **extra):
-    return {"method": method, "k": k, "prompt": prompt, "repeat": repeat, "wall": wall, "steps": steps,
-            "ttft": 0.1, "first_visible": 0.2, "committed": k * 2, "decoded": k * 2, "peak_mib": 100.0,
-            "start_mib": 90.0, "memory_kind": "rss-hwm", "rollbacks": 0, "sidecar": None, **extra}
+    return {
+        "method": method,
+        "k": k,
+        "prompt": prompt,
+        "repeat": repeat,
+        "wall": wall,
+        "steps": steps,
+        "ttft": 0.1,
+        "first_visible": 0.2,
+        "committed": k * 2,
+        "decoded": k * 2,
+        "peak_mib": 100.0,
+        "start_mib": 90.0,
+        "memory_kind": "rss-hwm",
+        "rollbacks": 0,
+        "sidecar": None,
+        **extra,
+    }
 
 
 def test_summary_arithmetic() -> None:
-    raw = {"settings": {"ks": [1, 2], "max_new_tokens": 2, "methods": ["serial", "pdt-off", "pdt-on"]}, "runs": [
-        _run("serial", 2, 0, 0, 5.0, [0.1, 0.1, 0.1], committed=4, decoded=4, time_to={"1": 2.0, "2": 4.0}),
-        _run("pdt-off", 1, 0, 0, 1.0, [0.2, 0.2]),
-        _run("pdt-off", 2, 0, 0, 2.0, [0.3, 0.3]),
-        _run("pdt-on", 1, 0, 0, 1.0, [0.25, 0.25]),
-        _run("pdt-on", 2, 0, 0, 1.0, [0.4, 0.4], decoded=6),
-    ]}
+    raw = {
+        "settings": {"ks": [1, 2], "max_new_tokens": 2, "methods": ["serial", "pdt-off", "pdt-on"]},
+        "runs": [
+            _run("serial", 2, 0, 0, 5.0, [0.1, 0.1, 0.1], committed=4, decoded=4, time_to={"1": 2.0, "2": 4.0}),
+            _run("pdt-off", 1, 0, 0, 1.0, [0.2, 0.2]),
+            _run("pdt-off", 2, 0, 0, 2.0, [0.3, 0.3]),
+            _run("pdt-on", 1, 0, 0, 1.0, [0.25, 0.25]),
+            _run("pdt-on", 2, 0, 0, 1.0, [0.4, 0.4], decoded=6),
+        ],
+    }
     rows = {(r["method"], r["k"]): r for r in summarize_bench(raw)}
     assert rows[("serial", 2)]["wall"]["median"] == 4.0 and rows[("serial", 2)]["tokens"] == 4
     assert rows[("serial", 1)]["useful_tps"]["median"] == 1.0
@@ -116,8 +140,26 @@ def test_pdt_bench_writes_json_markdown_and_plot(tmp_path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Plan a trip: bus, food, and sleep.\n")
     out = tmp_path / "bench"
-    code = main(["bench", "--model", str(model_dir), "--prompts", str(prompts), "--ks", "1,2,4",
-                 "--max-new-tokens", "4", "--repeats", "2", "--num-prompts", "1", "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(prompts),
+            "--ks",
+            "1,2,4",
+            "--max-new-tokens",
+            "4",
+            "--repeats",
+            "2",
+            "--num-prompts",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
     assert result["settings"]["ks"] == [1, 2, 4] and result["machine"]["device"] == "cpu"

@@ -54,9 +54,7 @@ __all__ = [
     "split_sections",
 ]
 
-SERIAL_INSTRUCTION = (
-    "{prompt}\n\nWrite the whole answer in {k} sections, in this order, each starting with its heading line:\n{headings}"
-)
+SERIAL_INSTRUCTION = "{prompt}\n\nWrite the whole answer in {k} sections, in this order, each starting with its heading line:\n{headings}"
 
 PDT_VARIANTS: dict[str, dict[str, Any]] = {
     "pdt": {"use_notes": True, "rollback": True},
@@ -102,7 +100,9 @@ def _heading_text(line: str) -> str:
 
 def _looks_like_heading(line: str, text: str) -> bool:
     stripped = line.strip()
-    marked = stripped.startswith(("#", "**")) or bool(re.match(r"\(?\d+[.):\]]|(?:section|part|step)\s*\d", stripped, re.I))
+    marked = stripped.startswith(("#", "**")) or bool(
+        re.match(r"\(?\d+[.):\]]|(?:section|part|step)\s*\d", stripped, re.I)
+    )
     return marked or stripped.rstrip("*_ ").endswith(":") or (len(text.split()) <= 6 and not stripped.endswith("."))
 
 
@@ -179,22 +179,33 @@ def run_serial(model, prompt: str, plan: Sequence[str], max_new_tokens: int) -> 
     start = time.perf_counter()
     with model.disable_sidecars():
         out = model.trunk.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=_pad_id(model), eos_token_id=_eos_ids(model) or None,
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=_pad_id(model),
+            eos_token_id=_eos_ids(model) or None,
         )
     seconds = time.perf_counter() - start
     new = [t for t in out[0, len(ids) :].tolist() if t not in set(_eos_ids(model))]
     text = model.tokenizer.decode(new, skip_special_tokens=True).strip()
     sections, rule = split_sections(text, plan)
-    return MethodRun("serial", sections, tokens=len(new), decoded=len(new), seconds=seconds, raw_text=text,
-                     split_rule=rule)
+    return MethodRun(
+        "serial", sections, tokens=len(new), decoded=len(new), seconds=seconds, raw_text=text, split_rule=rule
+    )
 
 
 @torch.no_grad()
 def run_streams(model, method: str, prompt: str, plan: Sequence[str], max_new_tokens: int, seed: int = 0) -> MethodRun:
     """Skeleton-of-Thought (``sot``) or a PDT variant (``PDT_VARIANTS``): K streams, ``max_new_tokens`` each."""
-    kwargs = dict(prompt=prompt, plan=list(plan), num_streams=len(plan), max_new_tokens=max_new_tokens,
-                  do_sample=False, seed=seed)
+    kwargs = dict(
+        prompt=prompt,
+        plan=list(plan),
+        num_streams=len(plan),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        seed=seed,
+    )
     start = time.perf_counter()
     if method == "sot":
         with model.disable_sidecars():
@@ -208,8 +219,16 @@ def run_streams(model, method: str, prompt: str, plan: Sequence[str], max_new_to
     ids = [list(seq) for seq in out.sequences]
     tokens = sum(len([t for t in seq if t not in eos]) for seq in ids)
     telemetry = out.telemetry.to_dict()
-    return MethodRun(method, list(out.texts), tokens=tokens, decoded=telemetry["decoded_tokens"], seconds=seconds,
-                     section_ids=ids, telemetry=telemetry, finish_reasons=list(out.finish_reasons))
+    return MethodRun(
+        method,
+        list(out.texts),
+        tokens=tokens,
+        decoded=telemetry["decoded_tokens"],
+        seconds=seconds,
+        section_ids=ids,
+        telemetry=telemetry,
+        finish_reasons=list(out.finish_reasons),
+    )
 
 
 def run_method(model, method: str, prompt: str, plan: Sequence[str], max_new_tokens: int, seed: int = 0) -> MethodRun:

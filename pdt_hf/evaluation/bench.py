@@ -139,8 +139,15 @@ class Bench:
         start = time.perf_counter()
         with self.model.disable_sidecars():
             out = self.model.trunk.generate(
-                ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                pad_token_id=self.pad, eos_token_id=self.eos or None, streamer=clock, **extra,
+                ids,
+                attention_mask=mask,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=self.pad,
+                eos_token_id=self.eos or None,
+                streamer=clock,
+                **extra,
             )
         written = (out.shape[1] - width) * len(prompts)
         return {"committed": written, "decoded": written, "rollbacks": 0}, clock, start
@@ -152,14 +159,26 @@ class Bench:
         start = time.perf_counter()
         with self.pdt_model(k) as model:
             out = model.generate(
-                prompt=item.prompt, plan=item.plan[:k], num_streams=k, max_new_tokens=tokens, do_sample=False,
-                seed=self.config.seed, use_notes=bus, rollback=rollback, logits_processor=processors,
-                agreement_threshold=0.0 if untrained else None, streamer=view,
+                prompt=item.prompt,
+                plan=item.plan[:k],
+                num_streams=k,
+                max_new_tokens=tokens,
+                do_sample=False,
+                seed=self.config.seed,
+                use_notes=bus,
+                rollback=rollback,
+                logits_processor=processors,
+                agreement_threshold=0.0 if untrained else None,
+                streamer=view,
             )
         t = out.telemetry
         committed = sum(len(s) for s in out.sequences)
-        return {"committed": committed, "decoded": t.decoded_tokens, "rollbacks": len(t.rollbacks),
-                "first_visible": None if view.first is None else view.first - start}, start
+        return {
+            "committed": committed,
+            "decoded": t.decoded_tokens,
+            "rollbacks": len(t.rollbacks),
+            "first_visible": None if view.first is None else view.first - start,
+        }, start
 
     @torch.no_grad()
     def run(self, method: str, k: int, item: EvalItem, tokens: int) -> dict[str, Any]:
@@ -180,9 +199,17 @@ class Bench:
                 raise ValueError(f"unknown bench method {method!r}; choose from {list(BENCH_METHODS)}.")
             end = time.perf_counter()
         steps, first = fwd.steps(end, "pdt" if method.startswith("pdt") else "hf")
-        record.update(method=method, k=k, wall=end - start, steps=[round(s, 6) for s in steps],
-                      ttft=None if first is None else first - start, peak_mib=memory.get("peak_mib"),
-                      start_mib=memory.get("start_mib"), memory_kind=memory.get("kind"), sidecar=None)
+        record.update(
+            method=method,
+            k=k,
+            wall=end - start,
+            steps=[round(s, 6) for s in steps],
+            ttft=None if first is None else first - start,
+            peak_mib=memory.get("peak_mib"),
+            start_mib=memory.get("start_mib"),
+            memory_kind=memory.get("kind"),
+            sidecar=None,
+        )
         if method.startswith("pdt"):
             record["sidecar"] = self.sidecar_for(k)
         else:
@@ -228,5 +255,10 @@ def run_bench(model, sidecar_label: str, items: list[EvalItem], config: BenchCon
                 runs.append(record)
                 bar.update()
     bar.close()
-    return {"settings": asdict(config), "runs": runs, "prompts": [asdict(item) for item in items],
-            "sidecar": sidecar_label, "sidecar_num_streams": model.pdt_config.num_streams}
+    return {
+        "settings": asdict(config),
+        "runs": runs,
+        "prompts": [asdict(item) for item in items],
+        "sidecar": sidecar_label,
+        "sidecar_num_streams": model.pdt_config.num_streams,
+    }

@@ -31,8 +31,12 @@ def _spread(values: list[float]) -> dict[str, float] | None:
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values)),
-            "n": len(values)}
+    return {
+        "median": float(np.median(values)),
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+        "n": len(values),
+    }
 
 
 def _row_runs(runs: list[dict], method: str, k: int) -> list[dict]:
@@ -68,26 +72,38 @@ def summarize_bench(raw: dict) -> list[dict[str, Any]]:
                 serial_time = ref["time_to"].get(str(k)) if ref is not None else None
                 if serial_time and r["wall"] > 0:
                     ratios.append(speedup(serial_time, r["wall"]))
-            rows.append({
-                "method": method, "k": k, "tokens": k * n, "sidecar": selected[0].get("sidecar"),
-                "wall": _spread([r["wall"] for r in selected]), "ttft": _spread([r["ttft"] for r in selected]),
-                "first_visible": _spread([r["first_visible"] for r in selected]),
-                "step_p50": float(np.quantile(steps, 0.5)) if steps else None,
-                "step_p90": float(np.quantile(steps, 0.9)) if steps else None,
-                "aggregate_tps": _spread([r["decoded"] / r["wall"] for r in selected]),
-                "useful_tps": _spread([r["tokens"] / r["wall"] for r in selected]),
-                "speedup": _spread(ratios), "rollbacks": _spread([r.get("rollbacks", 0) for r in selected]),
-                "peak_mib": _spread([r["peak_mib"] for r in selected]),
-                "run_mib": _spread([r["peak_mib"] - r["start_mib"] for r in selected
-                                    if r["peak_mib"] is not None and r["start_mib"] is not None]),
-                "memory_kind": selected[0].get("memory_kind"), "runs": len(selected),
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "k": k,
+                    "tokens": k * n,
+                    "sidecar": selected[0].get("sidecar"),
+                    "wall": _spread([r["wall"] for r in selected]),
+                    "ttft": _spread([r["ttft"] for r in selected]),
+                    "first_visible": _spread([r["first_visible"] for r in selected]),
+                    "step_p50": float(np.quantile(steps, 0.5)) if steps else None,
+                    "step_p90": float(np.quantile(steps, 0.9)) if steps else None,
+                    "aggregate_tps": _spread([r["decoded"] / r["wall"] for r in selected]),
+                    "useful_tps": _spread([r["tokens"] / r["wall"] for r in selected]),
+                    "speedup": _spread(ratios),
+                    "rollbacks": _spread([r.get("rollbacks", 0) for r in selected]),
+                    "peak_mib": _spread([r["peak_mib"] for r in selected]),
+                    "run_mib": _spread(
+                        [
+                            r["peak_mib"] - r["start_mib"]
+                            for r in selected
+                            if r["peak_mib"] is not None and r["start_mib"] is not None
+                        ]
+                    ),
+                    "memory_kind": selected[0].get("memory_kind"),
+                    "runs": len(selected),
+                }
+            )
     p50 = {(r["method"], r["k"]): r["step_p50"] for r in rows}
     for row in rows:
         base = p50.get((row["method"], 1))
         row["step_cost_ratio"] = (
-            step_cost_ratio(row["step_p50"], base)
-            if row["method"] not in _LONG and base and row["step_p50"] else None
+            step_cost_ratio(row["step_p50"], base) if row["method"] not in _LONG and base and row["step_p50"] else None
         )
         off = p50.get(("pdt-off", row["k"]))
         row["note_bus_overhead"] = (
@@ -129,7 +145,10 @@ def bench_markdown(rows: list[dict], header: str = "") -> str:
 
 
 def plot_bench(rows: list[dict], path: str, title: str = "") -> str:
-    """Useful tokens/s and speedup vs serial against K (medians, min-max bars); writes ``path`` (PNG)."""
+    """Useful tokens/s and speedup vs serial against K (medians, min-max bars); writes ``path`` (PNG).
+
+    Rows run on an untrained sidecar (K above the sidecar's streams) get hollow markers.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +166,10 @@ def plot_bench(rows: list[dict], path: str, title: str = "") -> str:
                 continue
             med = np.array([c["median"] for c in cells])
             err = np.array([[m - c["min"] for m, c in zip(med, cells)], [c["max"] - m for m, c in zip(med, cells)]])
-            axis.errorbar(ks, med, yerr=err, marker="o", capsize=3, label=method)
+            line = axis.errorbar(ks, med, yerr=err, marker="o", capsize=3, label=method)[0]
+            hollow = [i for i, r in enumerate(sub) if str(r.get("sidecar") or "").startswith("untrained (speed")]
+            if hollow:
+                axis.plot([ks[i] for i in hollow], med[hollow], "o", ms=8, mfc="white", mec=line.get_color(), zorder=5)
     left.set(xlabel="K (streams)", ylabel="useful (committed) tokens / s", title="throughput")
     right.set(xlabel="K (streams)", ylabel="serial time / method time (same tokens)", title="speedup vs serial")
     right.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -155,6 +177,8 @@ def plot_bench(rows: list[dict], path: str, title: str = "") -> str:
         axis.set_xticks(sorted({r["k"] for r in rows}))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    if any(str(r.get("sidecar") or "").startswith("untrained (speed") for r in rows):
+        title = f"{title}\nhollow markers: K above the sidecar's streams, untrained sidecar, no rollbacks (speed only)"
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -20,7 +20,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1,2,3,4,8.") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 1,2,3,4,8."
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must list positive integers, e.g. 1,2,3,4,8.")
     return values
@@ -96,21 +98,33 @@ def run_eval_command(args: argparse.Namespace) -> int:
         try:
             label_nll = float(label_nll)
         except ValueError:
-            raise SystemExit(f"--label-nll {args.label_nll!r} must be 'auto' or a number of nats/token, e.g. 2.5.") from None
+            raise SystemExit(
+                f"--label-nll {args.label_nll!r} must be 'auto' or a number of nats/token, e.g. 2.5."
+            ) from None
     _set_threads(args.threads)
     items = load_eval_items(args.prompts, args.streams, args.limit)
     model, sidecar = load_model(args.model, args.sidecar, args.seed, args.dtype, num_streams=args.streams)
     encoder = load_sentence_encoder(args.encoder)
-    result = evaluate(model, items, args.max_new_tokens, encoder, methods=args.methods, label_nll=label_nll,
-                      seed=args.seed, progress=not args.no_progress)
+    result = evaluate(
+        model,
+        items,
+        args.max_new_tokens,
+        encoder,
+        methods=args.methods,
+        label_nll=label_nll,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     machine = machine_info()
     name = model.pdt_config.base_model_name_or_path or args.model
     result.update(command=_command(args), machine=machine, sidecar=sidecar, model=name)
     os.makedirs(args.out, exist_ok=True)
     header = _header("eval", args, machine, sidecar, name)
     settings = result["settings"]
-    header += (f"- {settings['num_prompts']} prompts, K = {settings['num_streams']} streams x "
-               f"{settings['max_new_tokens']} tokens (serial: one call of K x N tokens), greedy, seed {args.seed}\n\n")
+    header += (
+        f"- {settings['num_prompts']} prompts, K = {settings['num_streams']} streams x "
+        f"{settings['max_new_tokens']} tokens (serial: one call of K x N tokens), greedy, seed {args.seed}\n\n"
+    )
     write_json(result, os.path.join(args.out, "eval.json"))
     markdown = eval_markdown(result, header)
     with open(os.path.join(args.out, "eval.md"), "w", encoding="utf-8") as handle:
@@ -131,9 +145,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from .report import write_json
     from .runtime import load_model, machine_info
 
-    config = BenchConfig(ks=args.ks, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                         warmup_tokens=args.warmup_tokens, prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
-                         seed=args.seed, methods=args.methods)
+    config = BenchConfig(
+        ks=args.ks,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        warmup_tokens=args.warmup_tokens,
+        prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+        seed=args.seed,
+        methods=args.methods,
+    )
     _set_threads(args.threads)
     items = load_eval_items(args.prompts, max(config.ks), args.num_prompts)
     model, sidecar = load_model(args.model, args.sidecar, args.seed, args.dtype)
@@ -142,32 +162,43 @@ def run_bench_command(args: argparse.Namespace) -> int:
     machine = machine_info()
     name = model.pdt_config.base_model_name_or_path or args.model
     header = _header("bench", args, machine, sidecar, name)
-    header += (f"- {len(items)} prompts x {config.repeats} repeats, interleaved, after warm-up; K streams x "
-               f"{config.max_new_tokens} tokens each, EOS suppressed; medians [min–max over runs]\n\n")
+    header += (
+        f"- {len(items)} prompts x {config.repeats} repeats, interleaved, after warm-up; K streams x "
+        f"{config.max_new_tokens} tokens each, EOS suppressed; medians [min–max over runs]\n\n"
+    )
     raw.update(rows=rows, machine=machine, command=_command(args), model=name)
     os.makedirs(args.out, exist_ok=True)
     write_json(raw, os.path.join(args.out, "bench.json"))
     markdown = bench_markdown(rows, header)
     with open(os.path.join(args.out, "bench.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown)
-    plot_bench(rows, os.path.join(args.out, "bench.png"),
-               f"{name}, {machine['cpu_count']}-core {machine['device'].upper()}, N={config.max_new_tokens}/stream")
+    plot_bench(
+        rows,
+        os.path.join(args.out, "bench.png"),
+        f"{name}, {machine['cpu_count']}-core {machine['device'].upper()}, N={config.max_new_tokens}/stream",
+    )
     print(markdown)
     print(f"wrote {args.out}/bench.json, bench.md, bench.png")
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", default=None,
-                   help="prompt file (.txt one a line, .jsonl with 'prompt' and optional 'plan') or a data set "
-                        "folder (its test split); default: the test split of the shipped prompts")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt file (.txt one a line, .jsonl with 'prompt' and optional 'plan') or a data set "
+        "folder (its test split); default: the test split of the shipped prompts",
+    )
     p.add_argument("--model", default=None, help="trunk id or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--sidecar", default=None, help="sidecar folder (default: the shipped one for SmolLM2, if any)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="trunk dtype")
     p.add_argument("--seed", type=int, default=0, help="seeds an untrained sidecar, sampling and the bootstrap")
-    p.add_argument("--threads", default="auto",
-                   help="torch intra-op threads, or 'auto': torch's default on an idle machine, 1 when the load "
-                        "average shows other jobs on the cores (oversubscribed threads stall each other)")
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch intra-op threads, or 'auto': torch's default on an idle machine, 1 when the load "
+        "average shows other jobs on the cores (oversubscribed threads stall each other)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -181,10 +212,17 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=10, help="number of prompts (the first ones of the set)")
     p.add_argument("--streams", type=int, default=3, help="K, sections per answer (one stream each)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="N, tokens per stream (serial gets K x N)")
-    p.add_argument("--methods", type=_name_list, default=list(EVAL_METHODS),
-                   help=f"comma-separated subset of {','.join(EVAL_METHODS)}")
-    p.add_argument("--label-nll", default="auto",
-                   help="agreement label threshold, nats/token, or 'auto' (90th percentile of serial blocks)")
+    p.add_argument(
+        "--methods",
+        type=_name_list,
+        default=list(EVAL_METHODS),
+        help=f"comma-separated subset of {','.join(EVAL_METHODS)}",
+    )
+    p.add_argument(
+        "--label-nll",
+        default="auto",
+        help="agreement label threshold, nats/token, or 'auto' (90th percentile of serial blocks)",
+    )
     p.add_argument("--encoder", default=None, help="sentence-transformers model (default: embedded all-MiniLM-L6-v2)")
     p.add_argument("--out", default="outputs/eval", help="output folder")
     p.set_defaults(func=run_eval_command, _parser=p)
@@ -197,7 +235,11 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--repeats", type=int, default=3, help="timed repeats of every configuration")
     b.add_argument("--warmup-tokens", type=int, default=4, help="tokens per stream of the untimed warm-up pass")
     b.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="draft length of prompt lookup")
-    b.add_argument("--methods", type=_name_list, default=list(BENCH_METHODS),
-                   help=f"comma-separated subset of {','.join(BENCH_METHODS)}")
+    b.add_argument(
+        "--methods",
+        type=_name_list,
+        default=list(BENCH_METHODS),
+        help=f"comma-separated subset of {','.join(BENCH_METHODS)}",
+    )
     b.add_argument("--out", default="outputs/bench", help="output folder")
     b.set_defaults(func=run_bench_command, _parser=b)

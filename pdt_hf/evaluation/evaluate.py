@@ -21,6 +21,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -36,12 +37,16 @@ from .metrics import calibration, coverage_text, redundancy, rollback_rate, seri
 from .prompt_sets import EvalItem
 from .stats import bootstrap_ci, paired_difference
 
-__all__ = ["METRICS", "assemble_ids", "evaluate", "token_nlls"]
+__all__ = ["METRICS", "assemble_ids", "evaluate", "token_nlls", "within_section_repetition"]
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 METRICS: dict[str, str] = {
     "fidelity": "serial fidelity: mean NLL (nats/token) of the canonical answer under the bare trunk; lower is closer",
     "redundancy_embedding": "mean over section pairs of the max sentence cosine (all-MiniLM-L6-v2); lower is better",
     "redundancy_ngram4": "share of word 4-grams that also occur in another section; lower is better",
+    "repetition_within": "share of word 4-grams repeating an earlier 4-gram of the same section (loops); lower is "
+    "better; an addition to DESIGN.md's metrics, which cannot see a stream that repeats itself",
     "coverage_text": "share of plan items whose section holds >= half of the item's content stems",
     "coverage_head": "share of plan items the coverage head scores >= 0.5 (PDT variants only)",
     "rollback_rate": "rolled-back tokens / decoded tokens (multi-stream methods)",
@@ -50,7 +55,9 @@ METRICS: dict[str, str] = {
 }
 
 
-def assemble_ids(tokenizer, plan: Sequence[str], sections: Sequence[Sequence[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+def assemble_ids(
+    tokenizer, plan: Sequence[str], sections: Sequence[Sequence[int]]
+) -> tuple[list[int], list[tuple[int, int]]]:
     """Canonical answer ids ``## item\\n`` + section ids + ``\\n\\n`` per item, and each section's ``[start, end)``."""
     ids: list[int] = []
     spans = []
@@ -73,6 +80,20 @@ def token_nlls(trunk: torch.nn.Module, context_ids: Sequence[int], answer_ids: S
     return nll[len(context_ids) - 1 :].cpu().numpy()
 
 
+def within_section_repetition(sections: Sequence[str], n: int = 4) -> float:
+    """Share of word n-grams (pooled over sections) equal to an earlier n-gram of the same section; 0.0 if none."""
+    total = repeated = 0
+    for section in sections:
+        words = _WORD.findall(section.lower())
+        seen: set[tuple[str, ...]] = set()
+        for i in range(len(words) - n + 1):
+            gram = tuple(words[i : i + n])
+            repeated += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeated / total if total else 0.0
+
+
 def _strip_trailing_special(ids: Sequence[int], special: set[int]) -> list[int]:
     ids = list(ids)
     while ids and ids[-1] in special:
@@ -92,8 +113,17 @@ def _blocks(run: MethodRun, spans: list[tuple[int, int]], nlls: np.ndarray, prom
     records = []
     for event in run.telemetry["commits"]:
         k, n = event["stream"], event["tokens"]
-        record = {"method": run.method, "prompt": prompt_index, "stream": k, "round": event["round"], "tokens": n,
-                  "score": event["score"], "committed": event["committed"], "flagged": event["flagged"], "nll": None}
+        record = {
+            "method": run.method,
+            "prompt": prompt_index,
+            "stream": k,
+            "round": event["round"],
+            "tokens": n,
+            "score": event["score"],
+            "committed": event["committed"],
+            "flagged": event["flagged"],
+            "nll": None,
+        }
         if event["committed"]:
             start, end = spans[k][0] + offsets[k], min(spans[k][0] + offsets[k] + n, spans[k][1])
             if end > start:
@@ -104,16 +134,26 @@ def _blocks(run: MethodRun, spans: list[tuple[int, int]], nlls: np.ndarray, prom
 
 
 def _serial_blocks(spans: list[tuple[int, int]], nlls: np.ndarray, block_size: int) -> list[float]:
-    return [float(nlls[s:min(s + block_size, end)].mean()) for start, end in spans for s in range(start, end, block_size)]
+    return [
+        float(nlls[s : min(s + block_size, end)].mean()) for start, end in spans for s in range(start, end, block_size)
+    ]
 
 
 def _row(run: MethodRun, plan: Sequence[str], fidelity: float, encoder) -> dict[str, Any]:
     red = redundancy(run.sections, encoder)
     telemetry = run.telemetry
     row: dict[str, Any] = {
-        "fidelity": fidelity, "redundancy_embedding": red["embedding"], "redundancy_ngram4": red["ngram4"],
-        "coverage_text": coverage_text(run.sections, plan), "coverage_head": None, "rollback_rate": None,
-        "tokens": run.tokens, "decoded": run.decoded, "seconds": run.seconds, "sections": run.sections,
+        "fidelity": fidelity,
+        "redundancy_embedding": red["embedding"],
+        "redundancy_ngram4": red["ngram4"],
+        "repetition_within": within_section_repetition(run.sections),
+        "coverage_text": coverage_text(run.sections, plan),
+        "coverage_head": None,
+        "rollback_rate": None,
+        "tokens": run.tokens,
+        "decoded": run.decoded,
+        "seconds": run.seconds,
+        "sections": run.sections,
     }
     if telemetry is not None:
         row["rollback_rate"] = rollback_rate(telemetry["rolled_back_tokens"], max(1, telemetry["decoded_tokens"]))
@@ -194,7 +234,9 @@ def evaluate(
         context = render_ids(tok, serial_message(item.prompt, item.plan))
         assembled = {m: assemble_ids(tok, item.plan, _section_ids(tok, run, special)) for m, run in runs.items()}
         with model.disable_sidecars():
-            fidelity = serial_fidelity_batch(model.trunk, None, [context] * len(runs), [a[0] for a in assembled.values()])
+            fidelity = serial_fidelity_batch(
+                model.trunk, None, [context] * len(runs), [a[0] for a in assembled.values()]
+            )
             for method, run in runs.items():
                 if method == "serial" or method in PDT_VARIANTS:
                     nlls = token_nlls(model.trunk, context, assembled[method][0])
@@ -218,9 +260,22 @@ def evaluate(
     summary, paired = _summaries(prompts, methods, seed)
     rules = Counter(p["methods"]["serial"]["split_rule"] for p in prompts) if "serial" in methods else Counter()
     return {
-        "methods": list(methods), "metrics": METRICS, "summary": summary, "paired_vs_pdt": paired,
-        "calibration": calib, "label_nll": threshold, "label_nll_source": threshold_source, "tau": tau,
-        "serial_split_rules": dict(rules), "prompts": prompts, "blocks": blocks,
-        "settings": {"num_streams": len(items[0].plan) if items else 0, "max_new_tokens": max_new_tokens,
-                     "block_size": block_size, "seed": seed, "num_prompts": len(items)},
+        "methods": list(methods),
+        "metrics": METRICS,
+        "summary": summary,
+        "paired_vs_pdt": paired,
+        "calibration": calib,
+        "label_nll": threshold,
+        "label_nll_source": threshold_source,
+        "tau": tau,
+        "serial_split_rules": dict(rules),
+        "prompts": prompts,
+        "blocks": blocks,
+        "settings": {
+            "num_streams": len(items[0].plan) if items else 0,
+            "max_new_tokens": max_new_tokens,
+            "block_size": block_size,
+            "seed": seed,
+            "num_prompts": len(items),
+        },
     }

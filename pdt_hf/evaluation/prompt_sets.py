@@ -117,7 +117,9 @@ def _txt_items(path: str) -> Raw:
         return [(line.strip(), None, "") for line in handle if line.strip()]
 
 
-def load_eval_items(source: str | None, num_streams: int, limit: int | None = None, split: str = "test") -> list[EvalItem]:
+def load_eval_items(
+    source: str | None, num_streams: int, limit: int | None = None, split: str = "test"
+) -> list[EvalItem]:
     """Prompts and K-item plans from ``source`` (see the module docstring), first ``limit`` of them.
 
     Raises:
@@ -137,7 +139,9 @@ def load_eval_items(source: str | None, num_streams: int, limit: int | None = No
             )
         raw = _dataset_items(source, split)
     elif not os.path.isfile(source):
-        raise FileNotFoundError(f"--prompts {source!r} does not exist; pass a .txt or .jsonl file or a data-set folder.")
+        raise FileNotFoundError(
+            f"--prompts {source!r} does not exist; pass a .txt or .jsonl file or a data-set folder."
+        )
     elif source.endswith(".jsonl"):
         raw = _jsonl_items(source)
     elif source.endswith(".txt"):

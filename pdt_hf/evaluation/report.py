@@ -19,8 +19,16 @@ import numpy as np
 
 __all__ = ["eval_markdown", "plot_calibration", "plot_eval", "write_json"]
 
-_PLOTTED = ("fidelity", "redundancy_embedding", "redundancy_ngram4", "coverage_text", "coverage_head",
-            "rollback_rate", "tokens")
+_PLOTTED = (
+    "fidelity",
+    "redundancy_embedding",
+    "redundancy_ngram4",
+    "repetition_within",
+    "coverage_text",
+    "coverage_head",
+    "rollback_rate",
+    "tokens",
+)
 _DIGITS = {"tokens": ".0f", "seconds": ".1f"}
 
 
@@ -68,26 +76,40 @@ def eval_markdown(result: dict, header: str = "") -> str:
     paired = result["paired_vs_pdt"]
     if paired:
         others = list(paired)
-        lines += ["", "Paired differences, method − pdt over the same prompts (95% bootstrap CI; * excludes 0):", "",
-                  "| metric | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        lines += [
+            "",
+            "Paired differences, method − pdt over the same prompts (95% bootstrap CI; * excludes 0):",
+            "",
+            "| metric | " + " | ".join(others) + " |",
+            "|---|" + "---|" * len(others),
+        ]
         for metric in result["metrics"]:
             spec = _DIGITS.get(metric, ".3f")
             lines.append(f"| {metric} | " + " | ".join(_diff(paired[m].get(metric), spec) for m in others) + " |")
     calib = result["calibration"]
     if calib:
-        lines += ["", f"Agreement head (tau = {result['tau']:.2f}); label 1 = block mean NLL under the serial trunk "
-                  f"<= {result['label_nll']:.3f} nats/token ({result['label_nll_source']}):", "",
-                  "| method | labelled blocks | label=1 rate | ECE [95% CI] | Brier [95% CI] | precision@tau "
-                  "| recall@tau | rolled back | other unlabelled (EOS only) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Agreement head (tau = {result['tau']:.2f}); label 1 = block mean NLL under the serial trunk "
+            f"<= {result['label_nll']:.3f} nats/token ({result['label_nll_source']}):",
+            "",
+            "| method | labelled blocks | label=1 rate | ECE [95% CI] | Brier [95% CI] | precision@tau "
+            "| recall@tau | rolled back | other unlabelled (EOS only) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for method, c in calib.items():
             if "ece" not in c:
-                lines.append(f"| {method} | 0 | – | – | – | – | – | {c['n_rolled_back']} | "
-                             f"{c['n_unlabelled'] - c['n_rolled_back']} |")
+                lines.append(
+                    f"| {method} | 0 | – | – | – | – | – | {c['n_rolled_back']} | "
+                    f"{c['n_unlabelled'] - c['n_rolled_back']} |"
+                )
                 continue
             ece = f"{c['ece']:.3f} [{c['ece_ci'][0]:.3f}, {c['ece_ci'][1]:.3f}]"
             brier = f"{c['brier']:.3f} [{c['brier_ci'][0]:.3f}, {c['brier_ci'][1]:.3f}]"
-            lines.append(f"| {method} | {c['n']} | {c['label_rate']:.2f} | {ece} | {brier} | {c['precision']:.2f} "
-                         f"| {c['recall']:.2f} | {c['n_rolled_back']} | {c['n_unlabelled'] - c['n_rolled_back']} |")
+            lines.append(
+                f"| {method} | {c['n']} | {c['label_rate']:.2f} | {ece} | {brier} | {c['precision']:.2f} "
+                f"| {c['recall']:.2f} | {c['n_rolled_back']} | {c['n_unlabelled'] - c['n_rolled_back']} |"
+            )
     rules = result.get("serial_split_rules")
     if rules:
         lines += ["", "Serial answers split by: " + ", ".join(f"{k} {v}" for k, v in sorted(rules.items())) + "."]
@@ -116,12 +138,14 @@ def plot_eval(result: dict, path: str, title: str = "") -> str:
         stats = [summary[m].get(metric) for m in methods]
         x = np.arange(len(methods))
         means = np.array([s["mean"] if s else np.nan for s in stats])
-        err = np.array([[s["mean"] - s["low"] if s else 0 for s in stats], [s["high"] - s["mean"] if s else 0 for s in stats]])
+        err = np.array(
+            [[s["mean"] - s["low"] if s else 0 for s in stats], [s["high"] - s["mean"] if s else 0 for s in stats]]
+        )
         axis.bar(x, means, yerr=err, capsize=3, color=[colors[i % len(colors)] for i in range(len(methods))])
         axis.set_xticks(x, methods, rotation=40, ha="right", fontsize=7)
         axis.set_title(metric, fontsize=9)
         axis.grid(axis="y", alpha=0.3)
-    for axis in list(axes.flat)[len(metrics):]:
+    for axis in list(axes.flat)[len(metrics) :]:
         axis.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
@@ -146,8 +170,13 @@ def plot_calibration(result: dict, path: str, title: str = "") -> str:
             left.plot(*zip(*pts), marker="o", label=f"{method} (ECE {c['ece']:.3f})")
         scores_by[method] = [b["score"] for b in result["blocks"] if b["method"] == method]
     left.axvline(result["tau"], color="red", lw=0.8, ls=":", label=f"tau = {result['tau']:.2f}")
-    left.set(xlabel="agreement score (bin mean)", ylabel="share of blocks with label 1", xlim=(0, 1), ylim=(0, 1.02),
-             title="reliability")
+    left.set(
+        xlabel="agreement score (bin mean)",
+        ylabel="share of blocks with label 1",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title="reliability",
+    )
     left.legend(fontsize=7)
     bins = np.linspace(0, 1, 21)
     for method, scores in scores_by.items():

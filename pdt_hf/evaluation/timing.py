@@ -97,11 +97,11 @@ class TokenClock(BaseStreamer):
     def end(self) -> None:
         pass
 
-    def time_to(self, tokens: int, start: float, per_row: int = 1) -> float | None:
-        """Seconds from ``start`` until ``tokens`` new tokens per row existed (None if never reached)."""
+    def time_to(self, tokens: int, start: float) -> float | None:
+        """Seconds from ``start`` until ``tokens`` new tokens existed (single-row runs; None if never reached)."""
         total = 0
         for when, count in self.arrivals:
-            total += count // per_row
+            total += count
             if total >= tokens:
                 return when - start
         return None

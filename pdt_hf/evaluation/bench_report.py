@@ -15,12 +15,12 @@ Design decisions:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from .metrics import note_bus_overhead, speedup, step_cost_ratio
+from .report import save_figure
 
 __all__ = ["bench_markdown", "plot_bench", "summarize_bench"]
 
@@ -179,10 +179,4 @@ def plot_bench(rows: list[dict], path: str, title: str = "") -> str:
         axis.legend(fontsize=8)
     if any(str(r.get("sidecar") or "").startswith("untrained (speed") for r in rows):
         title = f"{title}\nhollow markers: K above the sidecar's streams, untrained sidecar, no rollbacks (speed only)"
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, dpi=120)

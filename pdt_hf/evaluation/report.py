@@ -147,12 +147,17 @@ def plot_eval(result: dict, path: str, title: str = "") -> str:
         axis.grid(axis="y", alpha=0.3)
     for axis in list(axes.flat)[len(metrics) :]:
         axis.axis("off")
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig, path: str, title: str = "", dpi: int = 110) -> str:
+    """Add the title, lay out, write ``path`` (creating its folder) and close the figure."""
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
+    _figure().close(fig)
     return path
 
 
@@ -184,10 +189,4 @@ def plot_calibration(result: dict, path: str, title: str = "") -> str:
     right.axvline(result["tau"], color="red", lw=0.8, ls=":")
     right.set(xlabel="agreement score", ylabel="judged blocks", title="score histogram (incl. rolled back)")
     right.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

@@ -31,6 +31,7 @@ from .sidecars.context import DenseNotes, PackedNotes, SidecarContext
 from .sidecars.heads.layer import masked_mean
 from .sidecars.model import PDTSidecar
 from .trunk.architectures import base_model, trunk_dims
+from .trunk.compat import cache_kwargs, enable_checkpointing, output_cache, pop_cache_arg
 from .trunk.hooks import SidecarHooks
 from .trunk.loading import load_tokenizer, load_trunk
 
@@ -41,18 +42,24 @@ class PDTOutput(ModelOutput):
 
     ``logits`` ``[N, T, V]``; ``hidden_states`` last hidden state ``[N, T, d]``; ``note`` notes-head summary
     of the (masked) sequence ``[N, d_note]``; ``speculated_note`` ``[N, d_note]``; ``planner_note``
-    ``[N, d_note]``; ``coverage_logits`` ``[N, P]`` when ``plan_notes`` is given; ``agreement_logits`` ``[N]``.
+    ``[N, d_note]``; ``coverage_logits`` ``[N, P]`` when ``plan_notes`` is given; ``agreement_logits`` ``[N]``;
+    ``cache`` the trunk's cache (transformers 5.24 naming; ``past_key_values`` reads it too).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
     note: torch.Tensor | None = None
     speculated_note: torch.Tensor | None = None
     planner_note: torch.Tensor | None = None
     coverage_logits: torch.Tensor | None = None
     agreement_logits: torch.Tensor | None = None
+
+
+if not isinstance(getattr(ModelOutput, "past_key_values", None), property):
+    # transformers < 5.24 has no ``past_key_values`` alias on ModelOutput; keep the old attribute readable there.
+    PDTOutput.past_key_values = property(lambda self: self.cache)
 
 
 def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -149,7 +156,7 @@ class PDTForCausalLM(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Enable the trunk's checkpointing; non-reentrant by default so sidecar grads flow past frozen inputs."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(self.trunk, kwargs)
 
     def __getattr__(self, name: str) -> object:
         try:
@@ -192,7 +199,7 @@ class PDTForCausalLM(nn.Module):
         plan_notes: torch.Tensor | None = None,
         sidecar_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: object | None = None,
+        cache: object | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
@@ -206,20 +213,22 @@ class PDTForCausalLM(nn.Module):
             notes: the notes each row may read (:class:`DenseNotes` or :class:`PackedNotes`), or None;
             labels: ``[N, T]`` LM labels (shifted inside, -100 ignored); plan_notes: ``[N, P, d_note]``;
             sidecar_mask: ``[N, T]`` bool, sidecar deltas apply only where true (e.g. not on the shared prompt).
+            cache: the trunk cache (``past_key_values=`` is taken too, as by transformers' forwards).
             compute_heads: False skips the heads (the decode loop calls them itself, once per block).
         """
+        cache = pop_cache_arg(cache, kwargs)
         ref = input_ids if input_ids is not None else inputs_embeds
         self.set_context(stream_ids, ref.shape[0], notes, ref.device, sidecar_mask)
         if use_cache is None:
             # A cache built during a checkpointed training forward would be updated again by the recompute.
-            use_cache = past_key_values is not None
+            use_cache = cache is not None
         outputs = base_model(self.trunk)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **cache_kwargs(cache),
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # [N, T, d]
@@ -227,7 +236,7 @@ class PDTForCausalLM(nn.Module):
         logits = self.trunk.get_output_embeddings()(hidden[:, keep])  # [N, T', V]
         loss = shifted_lm_loss(logits, labels) if labels is not None else None
         if not compute_heads:
-            return PDTOutput(loss=loss, logits=logits, hidden_states=hidden, past_key_values=outputs.past_key_values)
+            return PDTOutput(loss=loss, logits=logits, hidden_states=hidden, cache=output_cache(outputs))
 
         heads = self.sidecar.heads
         mask = attention_mask.bool() if attention_mask is not None and attention_mask.ndim == 2 else None
@@ -250,7 +259,7 @@ class PDTForCausalLM(nn.Module):
             loss=loss,
             logits=logits,
             hidden_states=hidden,
-            past_key_values=outputs.past_key_values,
+            cache=output_cache(outputs),
             note=note,
             speculated_note=heads.speculation(note),
             planner_note=heads.planner(hidden, mask, ctx.stream_ids),

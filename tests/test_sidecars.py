@@ -23,6 +23,7 @@ from pdt_hf import DenseNotes, PDTConfig, PDTForCausalLM
 from pdt_hf.sidecars.adapter.config import AdapterConfig
 from pdt_hf.sidecars.snc.config import SNCConfig
 from pdt_hf.trunk.architectures import decoder_layers
+from pdt_hf.trunk.compat import disable_checkpointing
 
 OPTIONS = {
     "default": lambda: PDTConfig(num_streams=3),
@@ -128,7 +129,7 @@ def test_gradients_reach_every_sidecar_parameter(arch: str, opt: str) -> None:
         if mode == "hf_checkpointing":
             model.gradient_checkpointing_enable()
         if mode == "wrapper_checkpointing":
-            model.trunk.gradient_checkpointing_disable()
+            disable_checkpointing(model.trunk)
             # Wraps each real layer so the hooks run inside the recomputed region.
             apply_activation_checkpointing(
                 model.trunk,

@@ -21,6 +21,7 @@ from pdt_hf.stream_kv import (
     visibility_to_mask,
     write_slots,
 )
+from pdt_hf.trunk.compat import cache_kwargs
 
 ATOL = 1e-5
 VOCAB = 128
@@ -62,14 +63,14 @@ def prompt() -> torch.Tensor:
 def new_cache(trunk, prompt, capacity: int = 24, horizon: int | None = 8) -> StreamKVCache:
     prefix = DynamicCache(config=trunk.config)
     with torch.no_grad():
-        trunk(prompt, past_key_values=prefix)
+        trunk(prompt, **cache_kwargs(prefix))
     return StreamKVCache.from_prefix(prefix, num_streams=K, suffix_capacity=capacity, commit_horizon=horizon)
 
 
 def run_step(trunk, cache: StreamKVCache, streams: list[int], tokens: torch.Tensor) -> torch.Tensor:
     """One batched forward of ``tokens`` [A, T] for ``streams``; returns logits [A, T, V]."""
     with torch.no_grad(), cache.step(torch.tensor(streams), tokens.shape[1]) as kwargs:
-        return trunk(tokens, past_key_values=cache, **kwargs).logits
+        return trunk(tokens, **cache_kwargs(cache), **kwargs).logits
 
 
 def fresh_logits(trunk, prompt: torch.Tensor, tokens: list[int], last: int) -> torch.Tensor:
@@ -232,7 +233,7 @@ def test_errors(trunk, prompt) -> None:
         cache.begin_step(torch.tensor([0]), 1)
     with pytest.raises(RuntimeError, match="begin_step"):
         with torch.no_grad():
-            trunk(torch.tensor([[1]]), past_key_values=cache, position_ids=torch.tensor([[PROMPT_LEN]]))
+            trunk(torch.tensor([[1]]), **cache_kwargs(cache), position_ids=torch.tensor([[PROMPT_LEN]]))
     cache.begin_step(torch.tensor([2]), 1)
     with pytest.raises(RuntimeError, match="step is open"):
         cache.rollback(0, 1)
@@ -246,7 +247,7 @@ def test_sliding_window_prefix_is_rejected() -> None:
     model = Qwen2ForCausalLM(config).eval()
     prefix = DynamicCache(config=config)
     with torch.no_grad():
-        model(torch.tensor([[1, 2, 3]]), past_key_values=prefix)
+        model(torch.tensor([[1, 2, 3]]), **cache_kwargs(prefix))
     with pytest.raises(ValueError, match="full-attention"):
         StreamKVCache.from_prefix(prefix, K, 8)
 
@@ -302,6 +303,7 @@ import torch
 import pdt_kernels
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from pdt_hf.stream_kv import StreamKVCache, stream_attention
+from pdt_hf.trunk.compat import cache_kwargs
 
 kernel, backends = pdt_kernels.ragged_decode_attention, []
 def counting(*args, **kwargs):
@@ -316,7 +318,7 @@ prompt = torch.randint(0, 128, (1, 7))
 def new_cache():
     prefix = DynamicCache(config=config)
     with torch.no_grad():
-        model(prompt, past_key_values=prefix)
+        model(prompt, **cache_kwargs(prefix))
     return StreamKVCache.from_prefix(prefix, 3, 16)
 simple, fast = new_cache(), new_cache()
 gen, worst = torch.Generator().manual_seed(0), 0.0
@@ -324,9 +326,9 @@ with torch.no_grad():
     for streams, tokens in [([0, 1, 2], 3), ([0, 1, 2], 1), ([2, 0], 1), ([0, 1, 2], 1)]:
         ids = torch.randint(0, 128, (len(streams), tokens), generator=gen)
         with simple.step(torch.tensor(streams), tokens) as kw:
-            expected = model(ids, past_key_values=simple, **kw).logits
+            expected = model(ids, **cache_kwargs(simple), **kw).logits
         with stream_attention(model, fast), fast.step(torch.tensor(streams), tokens) as kw:
-            got = model(ids, past_key_values=fast, **kw).logits
+            got = model(ids, **cache_kwargs(fast), **kw).logits
         worst = max(worst, (got - expected).abs().max().item())
 print(worst, ",".join(backends))
 """

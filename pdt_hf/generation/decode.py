@@ -35,6 +35,7 @@ from ..sidecars.context import PackedNotes
 from ..sidecars.heads.layer import masked_mean
 from ..stream_kv import StreamKVCache, stream_attention
 from ..trunk.architectures import base_model
+from ..trunk.compat import cache_kwargs, output_cache
 from .output import MultiStreamOutput, Telemetry
 from .sampling import TokenChooser
 from .streamer import MultiStreamStreamer
@@ -150,10 +151,10 @@ class MultiStreamDecoder:
         model.sidecar.context = None
         # A config-less DynamicCache keeps every prefix token in every layer (sliding layers are windowed by mask).
         prefix_out = base_model(model.trunk)(
-            input_ids=torch.tensor([prefix], device=self.device), past_key_values=DynamicCache(), use_cache=True
+            input_ids=torch.tensor([prefix], device=self.device), use_cache=True, **cache_kwargs(DynamicCache())
         )
         capacity = max(len(x) for x in suffixes) + s.max_new_tokens + 1
-        cache = StreamKVCache.from_prefix(prefix_out.past_key_values, k, capacity, commit_horizon=s.commit_horizon)
+        cache = StreamKVCache.from_prefix(output_cache(prefix_out), k, capacity, commit_horizon=s.commit_horizon)
         logits: list[torch.Tensor | None] = [None] * k
         notes: list[torch.Tensor | None] = [None] * k
         for length in sorted({len(x) for x in suffixes}):
@@ -162,7 +163,7 @@ class MultiStreamDecoder:
             ids = torch.tensor([suffixes[i] for i in group], device=self.device)  # [G, length]
             with cache.step(streams, length) as kw:
                 kw = trunk_step_masks(model.trunk.config, kw)
-                out = model(input_ids=ids, stream_ids=streams, past_key_values=cache, compute_heads=False, **kw)
+                out = model(input_ids=ids, stream_ids=streams, cache=cache, compute_heads=False, **kw)
             planner = model.sidecar.heads.planner(out.hidden_states, None, streams)  # [G, d_note]
             for j, i in enumerate(group):
                 logits[i], notes[i] = out.logits[j, -1], planner[j]
@@ -247,7 +248,7 @@ class MultiStreamDecoder:
                     input_ids=torch.tensor(tokens, device=self.device)[:, None],
                     stream_ids=streams,
                     notes=notes,
-                    past_key_values=cache,
+                    cache=cache,
                     compute_heads=False,
                     **kw,
                 )

@@ -132,7 +132,7 @@ def stream_attention(model: torch.nn.Module, cache: StreamKVCache) -> Iterator[S
 
         with stream_attention(trunk, cache):
             with cache.step(streams, 1) as kw:
-                logits = trunk(input_ids, past_key_values=cache, **kw).logits
+                logits = trunk(input_ids, cache=cache, **kw).logits
     """
     if not isinstance(cache, StreamKVCache):
         raise TypeError(f"cache must be a StreamKVCache, got {type(cache).__name__}.")

@@ -183,7 +183,7 @@ class StreamKVCache(Cache):
 
         Returns:
             ``{"position_ids": [A, T], "attention_mask": [A, 1, T, P + S_step]}`` to pass to the trunk with
-            ``past_key_values=self``.
+            ``cache=self`` (``past_key_values=self`` before transformers 5.24).
         """
         if self.current_step is not None:
             raise RuntimeError("a step is already open: call end_step() (or cancel_step()) before the next one.")
@@ -209,7 +209,7 @@ class StreamKVCache(Cache):
 
     @contextmanager
     def step(self, streams: torch.Tensor, num_tokens: int, mask_dtype: torch.dtype | None = None) -> Iterator[dict]:
-        """``with cache.step(streams, T) as kw: trunk(ids, past_key_values=cache, **kw)``; ends or cancels the step."""
+        """``with cache.step(streams, T) as kw: trunk(ids, cache=cache, **kw)``; ends or cancels the step."""
         kwargs = self.begin_step(streams, num_tokens, mask_dtype)
         try:
             yield kwargs

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from ..modeling import PDTForCausalLM
 from ..sidecars.context import DenseNotes
 from ..trunk.architectures import base_model
+from ..trunk.compat import cache_kwargs
 from .batch import TrainBatch
 from .config import LoopConfig
 from .losses import (
@@ -90,7 +91,7 @@ class PDTObjective(nn.Module):
             for e, prefix in enumerate(batch.prefix_ids):
                 cache = DynamicCache()
                 ids = torch.tensor([prefix], dtype=torch.long, device=device)
-                base_model(model.trunk)(input_ids=ids, past_key_values=cache, use_cache=True)
+                base_model(model.trunk)(input_ids=ids, use_cache=True, **cache_kwargs(cache))
                 pad = width - len(prefix)
                 mask[e, pad:] = 1
                 for i, layer in enumerate(cache.layers):
@@ -125,7 +126,7 @@ class PDTObjective(nn.Module):
             positions = prefix.lengths[examples].unsqueeze(1) + torch.arange(width, device=device)
             model.set_context(batch.stream_ids[rows], len(rows), notes, device)
             out = base_model(model.trunk)(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=False
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **cache_kwargs(cache)
             )
             return out.last_hidden_state
         offsets = torch.tensor([len(batch.prefix_ids[e]) for e in examples.tolist()], device=device)

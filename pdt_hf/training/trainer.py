@@ -29,6 +29,7 @@ from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
+from ..trunk.compat import enable_checkpointing
 from .batch import collate
 from .calibration import agreement_report, choose_threshold, evaluate_split
 from .checkpointing import TrainerState, latest_checkpoint, load_checkpoint, rng_tensors, save_checkpoint
@@ -112,7 +113,7 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
     _seed_everything(loop.seed)
     trunk, tokenizer, name = load_trunk_and_tokenizer(recipe.model, accelerator.device)
     if recipe.model.gradient_checkpointing:
-        trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(trunk, {"use_reentrant": False})
         trunk.train()  # checkpointing is only active in train mode; the trunk's weights stay frozen
     trunk_before = state_digest(trunk)
     model = load_pdt_model(trunk, pdt_cfg, name, recipe.model.revision, loop.sidecar_dtype)

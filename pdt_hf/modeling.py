@@ -34,6 +34,7 @@ from .trunk.architectures import base_model, trunk_dims
 from .trunk.compat import cache_kwargs, enable_checkpointing, output_cache, pop_cache_arg
 from .trunk.hooks import SidecarHooks
 from .trunk.loading import load_tokenizer, load_trunk
+from .trunk.quantized import pin_4bit_layout
 
 
 @dataclass
@@ -85,6 +86,7 @@ class PDTForCausalLM(nn.Module):
         self.sidecar = PDTSidecar(config, hidden_size).to(device=device, dtype=dtype)
         for p in self.trunk.parameters():
             p.requires_grad_(False)
+        pin_4bit_layout(trunk)  # bitsandbytes' CPU inference path would rewrite 4-bit layers and stop gradients
         self.hooks = SidecarHooks(trunk, self.sidecar, config.instrumented_layers).attach()
         self.tokenizer = None
         register_owner(trunk, self)

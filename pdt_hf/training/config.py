@@ -31,7 +31,11 @@ class ModelConfig:
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the trunk."})
     dtype: str = field(default="float32", metadata={"help": "Trunk dtype: auto, float32, bfloat16, float16."})
     load_in_4bit: bool = field(
-        default=False, metadata={"help": "Load the trunk in 4-bit NF4 (bitsandbytes, CUDA only); one copy per rank."}
+        default=False,
+        metadata={
+            "help": "Load the trunk in 4-bit NF4 (bitsandbytes, CPU or CUDA; `pip install pdt-hf[bnb]`), computing "
+            "in model.dtype (auto: bfloat16 on CUDA, float32 on CPU); one copy per rank."
+        },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute trunk activations in backward."})
     reuse_prefix_kv: str | bool = field(

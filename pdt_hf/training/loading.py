@@ -1,6 +1,18 @@
-"""Loading the trunk, tokenizer and sidecar for data building and training from a recipe's ``model`` section."""
+"""Loading the trunk, tokenizer and sidecar for data building and training from a recipe's ``model`` section.
+
+Design decisions:
+- ``model.load_in_4bit`` loads the trunk as bitsandbytes NF4 ``Linear4bit`` layers on CPU or CUDA; the
+  device comes from ``device`` (default: the current CUDA device when there is one, else the CPU) through
+  ``device_map``, since a quantised model is placed while it loads, not moved afterwards.
+- The 4-bit compute dtype is ``model.dtype`` (also the dtype of the layers left unquantised); ``auto``
+  means bfloat16 on CUDA and float32 on CPU, where bfloat16 matmuls are slow and save no memory that matters.
+- bitsandbytes stays optional (the ``bnb`` extra); without it ``load_in_4bit`` names the install command.
+- The 4-bit layers are pinned to their lossless, differentiable layout (:mod:`pdt_hf.trunk.quantized`).
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -8,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..config import PDTConfig
 from ..modeling import PDTForCausalLM
 from ..trunk.loading import load_tokenizer, load_trunk
+from ..trunk.quantized import pin_4bit_layout
 from .config import ModelConfig
 
 __all__ = ["has_sliding_layers", "load_pdt_model", "load_trunk_and_tokenizer", "reuse_prefix_kv"]
@@ -18,26 +31,52 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_trunk_and_tokenizer(
     config: ModelConfig, device: torch.device | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """The frozen trunk (eval mode, on ``device``), its tokenizer, and the name to record in the sidecar."""
+    """The frozen trunk (eval mode, on ``device``), its tokenizer, and the name to record in the sidecar.
+
+    With ``config.load_in_4bit`` the trunk's linear layers are NF4 ``bitsandbytes.nn.Linear4bit`` on CPU or
+    CUDA; ``device=None`` then means the current CUDA device if there is one, else the CPU.
+    """
     kwargs: dict[str, object] = {"trust_remote_code": config.trust_remote_code}
     if config.dtype != "auto":
         kwargs["dtype"] = _DTYPES[config.dtype]
     if config.load_in_4bit:
-        if not torch.cuda.is_available():
-            raise ValueError("model.load_in_4bit needs a CUDA device (bitsandbytes); set it false on CPU.")
-        from transformers import BitsAndBytesConfig
-
-        compute = _DTYPES.get(config.dtype, torch.bfloat16)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
-        )
-        index = torch.device(device).index if device is not None else torch.cuda.current_device()
-        kwargs["device_map"] = {"": index or 0}
+        kwargs.update(_four_bit_kwargs(config.dtype, device))
     trunk, name = load_trunk(config.name_or_path, revision=config.revision, **kwargs)
-    if device is not None and not config.load_in_4bit:
+    if config.load_in_4bit:
+        pin_4bit_layout(trunk)  # before any forward: bitsandbytes' CPU inference path rewrites layers in place
+    elif device is not None:
         trunk = trunk.to(device)
     tokenizer = load_tokenizer(config.name_or_path, trust_remote_code=config.trust_remote_code)
     return trunk.eval(), tokenizer, name
+
+
+def _four_bit_kwargs(dtype: str, device: torch.device | str | None) -> dict[str, object]:
+    """``from_pretrained`` kwargs for an NF4 trunk placed on ``device`` (CPU or CUDA) while it loads."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "model.load_in_4bit needs bitsandbytes, which is not installed; run `pip install pdt-hf[bnb]` "
+            "or set model.load_in_4bit=false."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"model.load_in_4bit runs on cpu or cuda devices, got {device}; pass one of those.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if dtype == "auto":
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        compute = _DTYPES[dtype]
+    return {
+        "dtype": compute,
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        ),
+        "device_map": {"": device.index if device.type == "cuda" else "cpu"},
+    }
 
 
 def load_pdt_model(

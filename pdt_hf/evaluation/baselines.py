@@ -12,6 +12,10 @@ method              what runs
 ``pdt-notes-zero``  PDT with every published note replaced by zeros
 ``pdt-notes-shuffle`` PDT with each round's notes rotated across streams (stream k reads k-1's as k's)
 ``pdt-no-rollback`` PDT with every block committed (the agreement head is scored, never obeyed)
+``pdt-text-bus``    no sidecars: K streams in rounds of B tokens, each round every stream's context is
+                    re-prefilled with the siblings' committed text of rounds <= r - Δ
+                    (``generation.text_bus``); greedy. The training-free upper reference for what notes could
+                    carry, and a Hogwild!-style baseline; its telemetry reports the re-prefilled tokens per round
 ==================  =========================================================================================
 
 Splitting the serial answer (``split_sections``), the documented rule:
@@ -50,6 +54,7 @@ __all__ = [
     "PDT_VARIANTS",
     "MethodRun",
     "run_method",
+    "run_text_bus",
     "serial_message",
     "split_sections",
 ]
@@ -62,7 +67,7 @@ PDT_VARIANTS: dict[str, dict[str, Any]] = {
     "pdt-notes-shuffle": {"use_notes": True, "rollback": True, "note_ablation": "shuffle"},
     "pdt-no-rollback": {"use_notes": True, "rollback": False},
 }
-EVAL_METHODS = ("serial", "sot", *PDT_VARIANTS)
+EVAL_METHODS = ("serial", "sot", *PDT_VARIANTS, "pdt-text-bus")
 
 _MARKUP = re.compile(r"^[\s#*_>\-]*(?:(?:section|part|step)\s*\d+\s*[:.)-]?|\(?\d+[.):\]])?[\s#*_]*", re.I)
 
@@ -231,10 +236,57 @@ def run_streams(model, method: str, prompt: str, plan: Sequence[str], max_new_to
     )
 
 
+@torch.no_grad()
+def run_text_bus(model, prompt: str, plan: Sequence[str], max_new_tokens: int) -> MethodRun:
+    """``pdt-text-bus``: the bare trunk, streams reading each other's lagged text (B and Δ of the sidecar config).
+
+    Telemetry: ``rounds`` (per round: active streams, prefill tokens, new tokens, seconds), ``prefill_tokens``
+    (all rounds), ``decoded_tokens``, and ``rolled_back_tokens`` = 0 (nothing is judged or rolled back).
+    """
+    from ..generation.text_bus import decode_text_bus, hf_generate, stop_and_pad_ids
+
+    cfg, tok = model.pdt_config, model.tokenizer
+    eos, pad = stop_and_pad_ids(model.trunk, tok)
+    start = time.perf_counter()
+    with model.disable_sidecars():
+        result = decode_text_bus(
+            hf_generate(model.trunk, pad, eos),
+            tok,
+            [(prompt, list(plan))],
+            cfg.block_size,
+            cfg.note_lag,
+            max_new_tokens,
+            eos,
+        )
+    seconds = time.perf_counter() - start
+    ids = result.sections[0]
+    decoded = sum(len(s) for s in ids)
+    telemetry = {
+        "decoded_tokens": decoded,
+        "rolled_back_tokens": 0,
+        "prefill_tokens": result.prefill_tokens,
+        "rounds": result.rounds,
+        "commits": [],
+        "coverage": [],
+    }
+    return MethodRun(
+        "pdt-text-bus",
+        [tok.decode(s, skip_special_tokens=True).strip() for s in ids],
+        tokens=sum(len([t for t in s if t not in set(eos)]) for s in ids),
+        decoded=decoded,
+        seconds=seconds,
+        section_ids=[list(s) for s in ids],
+        telemetry=telemetry,
+        finish_reasons=list(result.finish_reasons[0]),
+    )
+
+
 def run_method(model, method: str, prompt: str, plan: Sequence[str], max_new_tokens: int, seed: int = 0) -> MethodRun:
     """Run one of ``EVAL_METHODS``; ``max_new_tokens`` is per stream (serial gets ``K * max_new_tokens``)."""
     if method == "serial":
         return run_serial(model, prompt, plan, len(plan) * max_new_tokens)
+    if method == "pdt-text-bus":
+        return run_text_bus(model, prompt, plan, max_new_tokens)
     if method not in EVAL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(EVAL_METHODS)}.")
     return run_streams(model, method, prompt, plan, max_new_tokens, seed)

@@ -15,6 +15,10 @@ Design decisions:
   ``pdt-off``          PDT ``generate``, note bus off (``use_notes=False``), rollback on
   ``pdt-on``           PDT ``generate`` as shipped: bus on, rollback on
   ``pdt-no-rollback``  bus on, rollback off: the decoding machinery without the agreement head's rollbacks
+  ``pdt-text-bus``     no sidecar: rounds of B tokens (one left-padded HF ``generate`` per round), every
+                       stream's context re-prefilled each round with the siblings' text of rounds <= r - Δ
+                       (``generation.text_bus``); records the re-prefilled tokens (``prefill_tokens``) and
+                       ``rounds``; every forward after the first counts as a step, re-prefills included
   ===================  ======================================================================================
 
 - Every method writes exactly its token count: HF calls get ``min_new_tokens = max_new_tokens`` (EOS
@@ -49,7 +53,8 @@ from .timing import ForwardClock, TokenClock, peak_memory
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "run_bench"]
 
-BENCH_METHODS = ("serial", "prompt-lookup", "hf-batch", "pdt-off", "pdt-on", "pdt-no-rollback")
+BENCH_METHODS = ("serial", "prompt-lookup", "hf-batch", "pdt-off", "pdt-on", "pdt-no-rollback", "pdt-text-bus")
+_SIDECAR_METHODS = ("pdt-off", "pdt-on", "pdt-no-rollback")
 
 
 @dataclass
@@ -108,7 +113,7 @@ class Bench:
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (_eos_ids(model) or [0])[0]
         self.eos = _eos_ids(model)
         self.wide = None
-        if max(config.ks) > model.pdt_config.num_streams and any(m.startswith("pdt") for m in config.methods):
+        if max(config.ks) > model.pdt_config.num_streams and any(m in _SIDECAR_METHODS for m in config.methods):
             torch.manual_seed(config.seed)
             self.wide = PDTForCausalLM(model.trunk, PDTConfig(num_streams=max(config.ks)))
             self.wide.hooks.detach()
@@ -180,6 +185,25 @@ class Bench:
             "first_visible": None if view.first is None else view.first - start,
         }, start
 
+    def _text_bus(self, item: EvalItem, k: int, tokens: int) -> tuple[dict, float]:
+        from ..generation.text_bus import decode_text_bus, hf_generate
+
+        cfg = self.model.pdt_config
+        generate = hf_generate(self.model.trunk, self.pad, self.eos, exact=True)
+        start = time.perf_counter()
+        with self.model.disable_sidecars():
+            out = decode_text_bus(
+                generate, self.tok, [(item.prompt, item.plan[:k])], cfg.block_size, cfg.note_lag, tokens, self.eos
+            )
+        committed = sum(len(s) for s in out.sections[0])
+        return {
+            "committed": committed,
+            "decoded": committed,
+            "rollbacks": 0,
+            "prefill_tokens": out.prefill_tokens,
+            "rounds": out.rounds,
+        }, start
+
     @torch.no_grad()
     def run(self, method: str, k: int, item: EvalItem, tokens: int) -> dict[str, Any]:
         """One timed call; ``tokens`` is per stream (serial and prompt lookup write ``max(ks) * tokens``)."""
@@ -191,14 +215,17 @@ class Bench:
             elif method == "hf-batch":
                 prompts = [render_ids(self.tok, stream_message(item.prompt, item.plan[:k], x)) for x in item.plan[:k]]
                 record, clock, start = self._hf(prompts, tokens, lookup=False)
-            elif method in ("pdt-off", "pdt-on", "pdt-no-rollback"):
+            elif method == "pdt-text-bus":
+                record, start = self._text_bus(item, k, tokens)
+                clock = None
+            elif method in _SIDECAR_METHODS:
                 bus, rollback = method != "pdt-off", method != "pdt-no-rollback"
                 record, start = self._pdt(item, k, tokens, bus=bus, rollback=rollback)
                 clock = None
             else:
                 raise ValueError(f"unknown bench method {method!r}; choose from {list(BENCH_METHODS)}.")
             end = time.perf_counter()
-        steps, first = fwd.steps(end, "pdt" if method.startswith("pdt") else "hf")
+        steps, first = fwd.steps(end, "pdt" if method in _SIDECAR_METHODS else "hf")
         record.update(
             method=method,
             k=k,
@@ -210,7 +237,7 @@ class Bench:
             memory_kind=memory.get("kind"),
             sidecar=None,
         )
-        if method.startswith("pdt"):
+        if method in _SIDECAR_METHODS:
             record["sidecar"] = self.sidecar_for(k)
         else:
             record["first_visible"] = record["ttft"]

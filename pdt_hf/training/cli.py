@@ -1,4 +1,6 @@
-"""``pdt data build --config recipe.yaml [key=value ...]``: build the distillation data set of a recipe."""
+"""``pdt data build --config recipe.yaml [key=value ...]``: build the distillation data set of a recipe.
+
+``pdt data ceiling --config recipe.yaml``: the three-teacher measurement (``data/ceiling.py``)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,14 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ceiling(args: argparse.Namespace) -> int:
+    from .data.ceiling import run_ceiling_command
+
+    return run_ceiling_command(args)
+
+
 def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``pdt data`` (with ``build``) on the ``pdt`` command's subparsers."""
+    """Register ``pdt data`` (``build``, ``ceiling``) on the ``pdt`` command's subparsers."""
     data = subparsers.add_parser("data", help="build the teacher-distillation data set for training")
     sub = data.add_subparsers(dest="data_command", required=True)
     build = sub.add_parser(
@@ -31,6 +39,20 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.build.max_prompts.train=32")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.set_defaults(func=_build)
+    ceiling = sub.add_parser(
+        "ceiling",
+        help="three teachers (serial, lag-consistent, isolated) on the same sections: the reachable gain of notes",
+        description="Writes the split's sections with the recipe's teacher and reports KL(lag||isolated), "
+        "KL(serial||isolated) and KL(serial||lag) per section index and per round (JSON, markdown, PNG).",
+    )
+    ceiling.add_argument("--config", required=True, help="recipe YAML file, e.g. recipes/configs/smollm2-135m.yaml")
+    ceiling.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.build.max_prompts.validation=32")
+    ceiling.add_argument("--split", default="validation", choices=["train", "validation", "test"], help="prompt split")
+    ceiling.add_argument("--writer", default="serial", choices=["serial", "lag"], help="which teacher writes sections")
+    ceiling.add_argument("--limit", type=int, default=None, help="first N prompts of the split (default: all)")
+    ceiling.add_argument("--out", default=None, help="output folder (default outputs/ceiling/<recipe name>)")
+    ceiling.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ceiling.set_defaults(func=_ceiling)
     return data
 
 

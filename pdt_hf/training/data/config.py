@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SPLITS = ("train", "validation", "test")
+TEACHER_MODES = ("lag", "serial")
 
 
 @dataclass
@@ -26,6 +27,14 @@ class DataBuildConfig:
         default=None, metadata={"help": "Teacher model id or path; None: the trunk itself. Must share its vocabulary."}
     )
     teacher_dtype: str = field(default="auto", metadata={"help": "Teacher dtype: auto, float32, bfloat16, float16."})
+    teacher_mode: str = field(
+        default="lag",
+        metadata={
+            "help": "lag: the teacher writes the K sections round by round, block r reading the prompt, the plan, "
+            "its own earlier blocks and the sibling blocks of rounds <= r - note_lag as text (targets a parallel "
+            "stream can reach; generation.text_bus). serial: section k after the whole of sections 0..k-1."
+        },
+    )
     split_fractions: dict[str, float] = field(
         default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
         metadata={"help": "Share of prompts per split; a prompt's split is fixed by a hash of its text."},
@@ -73,6 +82,8 @@ class DataBuildConfig:
         for split, cap in self.max_prompts.items():
             if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
                 raise ValueError(f"data.build.max_prompts.{split} must be None or an integer >= 0, got {cap!r}.")
+        if self.teacher_mode not in TEACHER_MODES:
+            raise ValueError(f"data.build.teacher_mode {self.teacher_mode!r}; use one of {list(TEACHER_MODES)}.")
         if self.teacher_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"data.build.teacher_dtype {self.teacher_dtype!r}; use auto, float32, bfloat16, float16.")
         if not 0.0 < self.coverage_min_overlap <= 1.0:

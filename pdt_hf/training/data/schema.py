@@ -74,7 +74,7 @@ def shard_path(directory: str, split: str, index: int) -> str:
 
 
 def build_key(cfg: DataBuildConfig, pdt: PDTConfig) -> dict:
-    """Everything a shard's content depends on (compared when a build resumes)."""
+    """Everything a shard's content depends on (compared when a build resumes), ``teacher_mode`` included."""
     key = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"}
     key.update(
         schema_version=SCHEMA_VERSION,
@@ -83,6 +83,8 @@ def build_key(cfg: DataBuildConfig, pdt: PDTConfig) -> dict:
         d_note=pdt.d_note,
         trunk_fingerprint=pdt.trunk_fingerprint,
     )
+    if cfg.teacher_mode == "lag":  # the lag teacher's contexts depend on Δ; the serial teacher's do not
+        key["note_lag"] = pdt.note_lag
     return json.loads(json.dumps(key, sort_keys=True))
 
 
@@ -165,7 +167,7 @@ def load_manifest(directory: str) -> dict:
 
 
 def check_compatible(manifest: dict, pdt: PDTConfig, directory: str) -> None:
-    """The data set must match the trunk fingerprint, K, B and d_note of the resolved sidecar config."""
+    """The data set must match the trunk fingerprint, K, B and d_note (and Δ for lag-teacher data) of the sidecar."""
     fingerprint = manifest.get("trunk_fingerprint") or {}
     for key, value in (pdt.trunk_fingerprint or {}).items():
         if fingerprint.get(key) != value:
@@ -174,7 +176,8 @@ def check_compatible(manifest: dict, pdt: PDTConfig, directory: str) -> None:
                 f"trunk has {key}={value!r}; rebuild the data with this recipe's model."
             )
     build = manifest.get("build_key", {})
-    for key in ("num_streams", "block_size", "d_note"):
+    keys = ("num_streams", "block_size", "d_note") + (("note_lag",) if build.get("teacher_mode") == "lag" else ())
+    for key in keys:
         if build.get(key) != getattr(pdt, key):
             raise DatasetMismatchError(
                 f"the data set in {directory!r} was built with {key}={build.get(key)!r}, but the sidecar config has "

@@ -10,6 +10,10 @@ Design decisions:
 - Sibling dependence: the same section is scored again with the student's own context (no earlier sections);
   the per-token KL between the two teacher distributions over the full teacher's top-k buckets says how much
   the section depends on sibling content. It weights the note-usage loss.
+- Per-round contexts (the lag-consistent teacher, ``generation.text_bus``): block r of a section is scored in
+  the context it was written in. Consecutive blocks with the same context share one forward over
+  ``[context | section[:end]]`` (``_round_hidden``), so a context that never changes costs one forward, as in
+  ``score``; each section position then carries the hidden state that predicts it and the one it feeds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..losses import topk_bucket_kl
 from ..rounds import num_blocks, state_positions
 
-__all__ = ["SectionScore", "Teacher", "pad_left"]
+__all__ = ["SectionScore", "Teacher", "pad_left", "round_segments"]
 
 
 def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +39,27 @@ def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
             ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row) :] = 1
     return ids, mask
+
+
+def round_segments(contexts: list[list[int]], section_len: int, block_size: int) -> list[tuple[int, int, int]]:
+    """Group the blocks of one section by context: ``[(context index, start, end)]`` token spans.
+
+    ``contexts[r - 1]`` is block r's context; consecutive blocks with equal contexts form one span (one forward).
+    E.g. contexts ``[a, a, b]``, S = 10, B = 4 -> ``[(0, 0, 8), (2, 8, 10)]``.
+    """
+    blocks = -(-section_len // block_size)
+    if len(contexts) != blocks:
+        raise ValueError(
+            f"a section of {section_len} tokens has {blocks} blocks of {block_size}, got {len(contexts)} contexts."
+        )
+    spans: list[tuple[int, int, int]] = []
+    for r in range(blocks):
+        start, end = r * block_size, min((r + 1) * block_size, section_len)
+        if spans and contexts[spans[-1][0]] == contexts[r]:
+            spans[-1] = (spans[-1][0], spans[-1][1], end)
+        else:
+            spans.append((r, start, end))
+    return spans
 
 
 @dataclass
@@ -156,3 +181,62 @@ class Teacher:
             teacher = torch.tensor(targets[i].topk_logprobs, device=logp.device)
             out.append(topk_bucket_kl(teacher, logp.gather(-1, ids)).clamp(min=0).tolist())
         return out
+
+    @torch.no_grad()
+    def _round_hidden(
+        self, contexts: list[list[list[int]]], sections: list[list[int]], block_size: int, batch_rows: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per section ``(predicting [S, d], fed [S, d])`` hidden states, block r read in ``contexts[i][r-1]``.
+
+        ``predicting[j]`` is the state at the position before token j (its next-token distribution), ``fed[j]``
+        the state at token j itself (block states pool these).
+        """
+        jobs = []  # (section index, context, start, end)
+        for i, (ctxs, sec) in enumerate(zip(contexts, sections)):
+            jobs += [(i, ctxs[c], a, b) for c, a, b in round_segments(ctxs, len(sec), block_size)]
+        width = self.model.config.hidden_size
+        out = [(torch.zeros(len(s), width), torch.zeros(len(s), width)) for s in sections]
+        for first in range(0, len(jobs), batch_rows):
+            chunk = jobs[first : first + batch_rows]
+            hidden, offsets = self._forward([c for _, c, _, _ in chunk], [sections[i][:b] for i, _, _, b in chunk])
+            for (i, ctx, a, b), h, off in zip(chunk, hidden, offsets):
+                start = off + len(ctx)
+                out[i][0][a:b] = h[start - 1 + a : start - 1 + b].float().cpu()  # [b - a, d]
+                out[i][1][a:b] = h[start + a : start + b].float().cpu()
+        return out
+
+    @torch.no_grad()
+    def round_logprobs(
+        self, contexts: list[list[list[int]]], sections: list[list[int]], block_size: int, batch_rows: int = 16
+    ) -> list[torch.Tensor]:
+        """Full next-token log-probs ``[S, V]`` (fp32) of each section token, block r read in its own context."""
+        return [
+            self._logprobs(pred.to(self.device)).cpu()
+            for pred, _ in self._round_hidden(contexts, sections, block_size, batch_rows)
+        ]
+
+    @torch.no_grad()
+    def score_rounds(
+        self,
+        contexts: list[list[list[int]]],
+        sections: list[list[int]],
+        top_k: int,
+        block_size: int,
+        batch_rows: int = 16,
+    ) -> list[SectionScore]:
+        """Like :meth:`score`, but block r of section i is scored in its own context ``contexts[i][r - 1]``."""
+        scores = []
+        for pred, fed in self._round_hidden(contexts, sections, block_size, batch_rows):
+            top = self._logprobs(pred.to(self.device)).topk(top_k, dim=-1)
+            groups = state_positions(pred.shape[0], block_size)
+            states = [fed[g].mean(0) if g else torch.zeros(fed.shape[-1]) for g in groups]
+            section_state = fed.mean(0) if pred.shape[0] else torch.zeros(fed.shape[-1])
+            scores.append(
+                SectionScore(
+                    topk_ids=top.indices.tolist(),
+                    topk_logprobs=top.values.tolist(),
+                    block_states=[s.tolist() for s in states],
+                    section_state=section_state.tolist(),
+                )
+            )
+        return scores

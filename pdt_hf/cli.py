@@ -1,8 +1,15 @@
-"""The ``pdt`` command: ``pdt budget``, ``pdt generate``; each subcommand lives with the code it drives."""
+"""The ``pdt`` command: ``pdt budget``, ``pdt generate``; each subcommand lives with the code it drives.
+
+Bad input surfaces as a ``ValueError`` or ``OSError`` whose message names the
+value and the fix; :func:`main` prints that message (and the first line of a
+chained cause) to stderr and exits 2, as argparse does for bad flags, instead
+of a traceback. ``PDT_TRACEBACK=1`` re-raises for a full traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -46,7 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:
+        if os.environ.get("PDT_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"pdt {args.command}: error: {err}", file=sys.stderr)
+        cause = err.__cause__
+        if cause is not None and str(cause).strip():
+            print(f"  caused by {type(cause).__name__}: {str(cause).strip().splitlines()[0]}", file=sys.stderr)
+        print("  (set PDT_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

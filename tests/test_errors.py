@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 
 import pytest
 import torch
 import transformers
-from conftest import TINY, tiny_trunk
+from conftest import TINY, tiny_tokenizer, tiny_trunk
 
 from pdt_hf import PDTConfig, PDTForCausalLM, UnsupportedTrunkError
 from pdt_hf.checkpoint import SidecarLoadError
+from pdt_hf.generation.api import PromptTooLongError
+from pdt_hf.generation.plan import SKELETON_MAX_NEW_TOKENS, skeleton_prompt_ids
+from pdt_hf.generation.prompts import render_ids, stream_message
+from pdt_hf.trunk.loading import TrunkLoadError, load_tokenizer, load_trunk
 
 
 def test_unsupported_model_type_lists_supported() -> None:
@@ -124,3 +129,155 @@ def test_config_json_round_trip() -> None:
     assert PDTConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
     with pytest.raises(ValueError, match=r"unknown PDTConfig fields \['bogus'\]"):
         PDTConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+# ---------------------------------------------------------------- generate: streams, plan, context length
+
+PROMPT = "Explain how to brew tea."
+
+
+def _gen_model(arch: str = "llama") -> PDTForCausalLM:
+    trunk = tiny_trunk(arch)
+    trunk.generation_config.eos_token_id = 2
+    model = PDTForCausalLM(trunk, PDTConfig(num_streams=3))
+    model.tokenizer = tiny_tokenizer()
+    return model
+
+
+def _no_outline_pass(model: PDTForCausalLM, monkeypatch) -> None:
+    """Make any trunk.generate call (the skeleton pass) fail the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the skeleton pass ran before the input was validated")
+
+    monkeypatch.setattr(model.trunk, "generate", refuse)
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_generate_num_streams_names_the_range(value, monkeypatch) -> None:
+    model = _gen_model()
+    _no_outline_pass(model, monkeypatch)
+    with pytest.raises(
+        ValueError, match=rf"num_streams must be a positive integer, got {value}; this sidecar runs 1 to 3"
+    ):
+        model.generate(prompt=PROMPT, num_streams=value, max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "plan,num_streams,match",
+    [
+        (
+            ["a", "b", "c", "d"],
+            2,
+            r"num_streams=2 is below the plan length \(4 items: \['a', 'b', 'c', 'd'\].*"
+            r"the last 2 items would be dropped",
+        ),
+        (["a", "b"], 3, r"num_streams=3 is above the plan length \(2 items"),
+        (["a", "b", "c", "d"], None, r"a plan of length 4 needs 4 streams but this sidecar has adapters for 3"),
+        ("a; b; c; d", 4, r"num_streams=4 needs 4 streams but this sidecar has adapters for 3"),
+    ],
+)
+def test_plan_and_num_streams_must_agree(plan, num_streams, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        _gen_model().generate(prompt=PROMPT, plan=plan, num_streams=num_streams, max_new_tokens=4)
+
+
+def test_plan_sets_k_when_num_streams_is_unset() -> None:
+    out = _gen_model().generate(prompt=PROMPT, plan="Water; Leaves", max_new_tokens=4, agreement_threshold=0.0)
+    assert out.plan == ["Water", "Leaves"] and len(out.sequences) == 2 and len(out.texts) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_prompt_longer_than_context_is_refused_before_the_outline_pass(arch, monkeypatch) -> None:
+    # mistral's sliding window (16) is far below the prompt: only max_position_embeddings (512) bounds it.
+    model = _gen_model(arch)
+    _no_outline_pass(model, monkeypatch)
+    with pytest.raises(
+        PromptTooLongError, match=r"every stream needs \d+ prompt tokens \+ 8 new tokens.*context of 512"
+    ):
+        model.generate(prompt="word " * 200, max_new_tokens=8)
+
+
+def test_outline_pass_longer_than_context_is_refused(monkeypatch) -> None:
+    model = _gen_model()
+    _no_outline_pass(model, monkeypatch)
+    tok = model.tokenizer
+    n = next(
+        n
+        for n in range(100, 512)
+        if len(skeleton_prompt_ids(tok, "x" * n, 3)) + SKELETON_MAX_NEW_TOKENS > 512
+        and len(render_ids(tok, stream_message("x" * n, [], ""))) + 4 <= 512
+    )
+    with pytest.raises(PromptTooLongError, match=r"the outline \(skeleton\) pass needs .* \+ 96 new tokens.*--plan"):
+        model.generate(prompt="x" * n, max_new_tokens=4)
+
+
+def test_stream_prompt_plus_new_tokens_must_fit(monkeypatch) -> None:
+    model = _gen_model("mistral")
+    plan = ["a", "b" * 150]
+    longest = len(render_ids(model.tokenizer, stream_message(PROMPT, plan, plan[1])))
+    new = 512 - longest + 1
+    with pytest.raises(
+        PromptTooLongError,
+        match=rf"stream 1 \(shared prefix \d+ \+ suffix \d+ tokens\) needs {longest} prompt tokens \+ {new} new "
+        rf"tokens = 513, which exceeds the trunk's context of 512 tokens.*max_new_tokens \(--max-new-tokens\) to "
+        rf"{new - 1} or less",
+    ):
+        model.generate(prompt=PROMPT, plan=plan, max_new_tokens=new)
+    # One token fewer fits: the bound is exact, not the sliding window.
+    out = model.generate(prompt=PROMPT, plan=plan, max_new_tokens=new - 1, agreement_threshold=0.0)
+    assert len(out.sequences) == 2
+
+
+def test_note_capacity_is_checked_before_the_outline_pass(monkeypatch) -> None:
+    model = _gen_model()
+    _no_outline_pass(model, monkeypatch)
+    model.pdt_config.note_capacity = 64
+    with pytest.raises(ValueError, match=r"may publish 228 notes .*note_capacity is 64"):
+        model.generate(prompt=PROMPT, max_new_tokens=600)
+
+
+@pytest.mark.parametrize("name", ["note_lag", "max_retries"])
+def test_negative_lag_and_retries(name) -> None:
+    with pytest.raises(ValueError, match=rf"{name} must be an integer >= 0, got -1"):
+        _gen_model().generate(prompt=PROMPT, plan="a; b", max_new_tokens=4, **{name: -1})
+
+
+# ---------------------------------------------------------------- trunk names that cannot be loaded
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection fails the test: loading must decide offline, from the cache and the disk."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"tried the network: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+@pytest.mark.parametrize("load", [load_trunk, load_tokenizer])
+def test_unknown_hub_id_offline(load, no_network) -> None:
+    with pytest.raises(
+        TrunkLoadError, match=r"'made-up-org/no-such-model-4242' looks like a Hugging Face Hub id"
+    ) as info:
+        load("made-up-org/no-such-model-4242")
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE" in message and "--model DIR" in message and "omit --model" in message
+    assert isinstance(info.value.__cause__, OSError) and not isinstance(info.value.__cause__, TrunkLoadError)
+
+
+@pytest.mark.parametrize("load", [load_trunk, load_tokenizer])
+def test_missing_local_path(load, tmp_path, no_network) -> None:
+    missing = tmp_path / "no" / "such" / "model"
+    with pytest.raises(TrunkLoadError, match=rf"looks like a local path, but {missing} does not exist") as info:
+        load(str(missing))
+    assert info.value.__cause__ is not None
+
+
+def test_local_directory_without_a_model(tmp_path, no_network) -> None:
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(TrunkLoadError, match=rf"is a local path, but no trunk could be loaded from {tmp_path}"):
+        PDTForCausalLM.from_pretrained(str(tmp_path))

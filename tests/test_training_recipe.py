@@ -3,6 +3,7 @@ kill-and-resume, two CPU processes across a stage boundary, a resumable data bui
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
@@ -36,11 +37,27 @@ PINNED = {
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the block with ``count`` torch threads, then restore the process's previous count.
+
+    Float reductions may round differently at another thread count, so a data build is byte-reproducible only
+    at the same count: the builds of this module all run at one thread, whatever earlier tests left behind.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("recipe"))
     trunk_dir = save_tiny_trunk(os.path.join(root, "trunk"))
-    build_dataset(load_recipe(TINY_RECIPE, tiny_overrides(root, trunk_dir)), progress=False)
+    with torch_threads(1):
+        build_dataset(load_recipe(TINY_RECIPE, tiny_overrides(root, trunk_dir)), progress=False)
     return root, trunk_dir
 
 
@@ -60,8 +77,8 @@ def _losses(run_dir: str) -> dict[int, tuple[str, float]]:
 def reference(workspace):
     """The uninterrupted tiny run, through the entry point, in this process."""
     root, trunk_dir = workspace
-    torch.set_num_threads(1)
-    summary = _main(["--config", TINY_RECIPE, *tiny_overrides(root, trunk_dir)])
+    with torch_threads(1):
+        summary = _main(["--config", TINY_RECIPE, *tiny_overrides(root, trunk_dir)])
     return summary, os.path.join(root, "run")
 
 
@@ -177,7 +194,10 @@ def test_data_build_resumes_shards_and_pins_its_config(workspace, tmp_path):
     before, kept_mtime = open(victim, "rb").read(), os.path.getmtime(keep)
     os.remove(victim)
     time.sleep(0.01)
-    build_dataset(load_recipe(TINY_RECIPE, [*tiny_overrides(root, trunk_dir), f"data.path={data}"]), progress=False)
+    with torch_threads(1):
+        build_dataset(
+            load_recipe(TINY_RECIPE, [*tiny_overrides(root, trunk_dir), f"data.path={data}"]), progress=False
+        )
     assert open(victim, "rb").read() == before  # rebuilt identically
     assert os.path.getmtime(keep) == kept_mtime  # finished shards are skipped
     with pytest.raises(ValueError, match="section_max_tokens=10.*section_max_tokens=12"):

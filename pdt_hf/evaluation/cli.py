@@ -8,6 +8,7 @@ machine, raw runs and the summary rows), ``bench.md`` and ``bench.png``. Both pr
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import time
@@ -85,6 +86,27 @@ def _set_threads(threads: str) -> int:
     return count
 
 
+def _restores_threads(command):
+    """``--threads`` holds for one command: the process's torch thread count is restored afterwards.
+
+    The commands also run in-process (tests, notebooks); a thread count left behind changes the float results
+    of whatever runs next (a data build resumed in the same process was not byte-identical to its first run).
+    """
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        import torch
+
+        previous = torch.get_num_threads()
+        try:
+            return command(args)
+        finally:
+            torch.set_num_threads(previous)
+
+    return run
+
+
+@_restores_threads
 def run_eval_command(args: argparse.Namespace) -> int:
     """``pdt eval``: run every method, score, write JSON + markdown + PNGs under ``--out``."""
     from .embeddings import load_sentence_encoder
@@ -137,6 +159,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@_restores_threads
 def run_bench_command(args: argparse.Namespace) -> int:
     """``pdt bench``: time every method, write JSON + markdown + PNG under ``--out``."""
     from .bench import BenchConfig, run_bench

@@ -56,6 +56,13 @@ class PDTConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig, metadata={"help": "Notes/planner/coverage/... heads."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Trunk the sidecar was built for."})
     revision: str | None = field(default=None, metadata={"help": "Trunk revision, when loaded from the Hub."})
+    trunk_adapter: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "PEFT adapter on the trunk (peft_type, name_or_path, revision, adapter_name, merged), loaded "
+            "onto base_model_name_or_path when the trunk is rebuilt; None for a plain trunk."
+        },
+    )
     trunk_fingerprint: dict[str, Any] | None = field(
         default=None, metadata={"help": "model_type, hidden size, layer count and vocab size of the trunk."}
     )
@@ -94,6 +101,13 @@ class PDTConfig:
                 )
             if len(set(self.instrumented_layers)) != len(self.instrumented_layers):
                 raise ValueError(f"instrumented_layers has duplicates: {self.instrumented_layers!r}")
+        if self.trunk_adapter is not None and (
+            not isinstance(self.trunk_adapter, dict) or "name_or_path" not in self.trunk_adapter
+        ):
+            raise ValueError(
+                f"trunk_adapter must be None or a dict with at least 'name_or_path' (the PEFT adapter's directory or "
+                f"Hub id), got {self.trunk_adapter!r}; PDTForCausalLM.from_pretrained fills it for PEFT trunks."
+            )
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"pdt_config.json format_version {self.format_version!r} is not supported "

@@ -7,13 +7,20 @@ Design decisions:
 - Sidecars enter the trunk only through :class:`~pdt_hf.trunk.hooks.SidecarHooks`
   on the real decoder layers; ``unload()`` removes them and returns the bare,
   untouched trunk.
-- ``forward`` runs the trunk's base model once, applies the trunk's own
-  ``lm_head`` (so logits are bit-identical to the bare trunk's when the
-  sidecar is at init), and reads the heads off the last hidden state.
+- ``forward`` runs the trunk's decoder stack once, applies the trunk's own
+  logit head (``lm_head`` plus any soft-cap or scaling its causal LM applies,
+  see ``trunk.architectures.trunk_logits``), so logits are bit-identical to
+  the bare trunk's when the sidecar is at init, and reads the heads off the
+  last hidden state.
+- A PEFT trunk (a ``PeftModel``, or an adapter directory / Hub id given to
+  ``from_pretrained``) is served through its transformers model with the
+  adapter layers inside (``trunk.peft``); the adapter is frozen with the rest
+  and recorded in ``PDTConfig.trunk_adapter`` so the trunk can be rebuilt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,10 +37,11 @@ from .generation.api import multi_stream_generate, register_owner
 from .sidecars.context import DenseNotes, PackedNotes, SidecarContext
 from .sidecars.heads.layer import masked_mean
 from .sidecars.model import PDTSidecar
-from .trunk.architectures import base_model, trunk_dims
+from .trunk.architectures import base_model, check_trunk, trunk_dims, trunk_logits
 from .trunk.compat import cache_kwargs, enable_checkpointing, output_cache, pop_cache_arg
 from .trunk.hooks import SidecarHooks
 from .trunk.loading import load_tokenizer, load_trunk
+from .trunk.peft import find_adapter, is_peft_model, load_peft_trunk, reload_peft_trunk, unwrap_peft
 from .trunk.quantized import pin_4bit_layout
 
 
@@ -75,7 +83,13 @@ class PDTForCausalLM(nn.Module):
 
     def __init__(self, trunk: PreTrainedModel, config: PDTConfig | None = None) -> None:
         super().__init__()
-        config = (config or PDTConfig()).resolve(trunk.config)
+        config, peft_model = config or PDTConfig(), None
+        if is_peft_model(trunk):
+            peft_model, (trunk, record) = trunk, unwrap_peft(trunk)
+            if config.trunk_adapter is None:
+                config = dataclasses.replace(config, trunk_adapter=record)
+        check_trunk(trunk)
+        config = config.resolve(trunk.config)
         hidden_size, _ = trunk_dims(trunk.config)
         self.trunk = trunk
         self.pdt_config = config
@@ -89,6 +103,7 @@ class PDTForCausalLM(nn.Module):
         pin_4bit_layout(trunk)  # bitsandbytes' CPU inference path would rewrite 4-bit layers and stop gradients
         self.hooks = SidecarHooks(trunk, self.sidecar, config.instrumented_layers).attach()
         self.tokenizer = None
+        object.__setattr__(self, "peft_model", peft_model)  # not a submodule: the trunk already is
         register_owner(trunk, self)
 
     # ------------------------------------------------------------------ construction and I/O
@@ -100,25 +115,43 @@ class PDTForCausalLM(nn.Module):
         config: PDTConfig | None = None,
         *,
         revision: str | None = None,
+        merge_adapter: bool | None = None,
         **trunk_kwargs: object,
     ) -> PDTForCausalLM:
         """Attach sidecars to a trunk.
 
         Args:
-            trunk_or_id: a loaded model (e.g. 4-bit), a Hub id, a local path, or None for the embedded SmolLM2
-                (or, when ``sidecar`` is given, the trunk its ``pdt_config.json`` names).
+            trunk_or_id: a loaded model (e.g. 4-bit, or a ``peft.PeftModel``), a Hub id, a local path, a PEFT
+                adapter (a directory or Hub id with ``adapter_config.json``: its base is loaded, then the adapter),
+                or None for the embedded SmolLM2 (or, when ``sidecar`` is given, the trunk its ``pdt_config.json``
+                names, PEFT adapter included).
             sidecar: directory written by :meth:`save_pretrained`; its config and weights are loaded.
             config: a fresh :class:`PDTConfig` (ignored when ``sidecar`` is given).
+            merge_adapter: merge a PEFT adapter loaded here into the trunk's weights (``merge_and_unload``);
+                None: as the sidecar recorded, else False.
             trunk_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``torch_dtype``, ...).
         """
+        adapter = None
         if sidecar is not None:
             config = PDTConfig.from_pretrained(sidecar)
             if trunk_or_id is None:
                 trunk_or_id = config.base_model_name_or_path
                 revision = revision or config.revision
-        tokenizer = None
-        if isinstance(trunk_or_id, PreTrainedModel):
+                adapter = config.trunk_adapter
+        tokenizer, record = None, None
+        if isinstance(trunk_or_id, PreTrainedModel) or is_peft_model(trunk_or_id):
             trunk, name = trunk_or_id, getattr(trunk_or_id, "name_or_path", None)
+        elif adapter is not None or find_adapter(trunk_or_id, revision) is not None:
+            recorded = (config.trunk_adapter if config is not None else None) or {}
+            merge = merge_adapter if merge_adapter is not None else bool(recorded.get("merged", False))
+            if adapter is not None:  # rebuild the trunk the sidecar recorded: its base, then its adapter
+                loaded = reload_peft_trunk(
+                    adapter, trunk_or_id, revision, merge=merge, sidecar=sidecar, **trunk_kwargs
+                )
+            else:
+                loaded = load_peft_trunk(trunk_or_id, revision=revision, merge=merge, **trunk_kwargs)
+            trunk, name, revision, record = loaded.trunk, loaded.base_name, loaded.base_revision, loaded.record
+            tokenizer = load_tokenizer(loaded.tokenizer_source)
         else:
             trunk, name = load_trunk(trunk_or_id, revision=revision, **trunk_kwargs)
             tokenizer = load_tokenizer(trunk_or_id, revision=revision) if trunk_or_id is not None else load_tokenizer()
@@ -126,6 +159,8 @@ class PDTForCausalLM(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = name
             config.revision = revision
+        if record is not None:
+            config.trunk_adapter = record
         model = cls(trunk, config)
         model.tokenizer = tokenizer
         if sidecar is not None:
@@ -144,10 +179,10 @@ class PDTForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ sidecar switching
     def unload(self) -> PreTrainedModel:
-        """Remove the hooks for good and return the bare trunk (weights untouched)."""
+        """Remove the hooks for good and return the bare trunk (weights untouched; a ``PeftModel`` if one was given)."""
         self.hooks.detach()
         self.sidecar.context = None
-        return self.trunk
+        return self.peft_model if self.peft_model is not None else self.trunk
 
     @contextmanager
     def disable_sidecars(self) -> Iterator[None]:
@@ -235,7 +270,7 @@ class PDTForCausalLM(nn.Module):
         )
         hidden = outputs.last_hidden_state  # [N, T, d]
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.trunk.get_output_embeddings()(hidden[:, keep])  # [N, T', V]
+        logits = trunk_logits(self.trunk, hidden[:, keep])  # [N, T', V]
         loss = shifted_lm_loss(logits, labels) if labels is not None else None
         if not compute_heads:
             return PDTOutput(loss=loss, logits=logits, hidden_states=hidden, cache=output_cache(outputs))

@@ -3,6 +3,12 @@
 Tiny sizes (2 layers, hidden 64, 4 heads, 2 KV heads, vocab 128) stand in for
 the real ones, e.g. SmolLM2-135M: 30 layers, hidden 576, 9 heads, 3 KV heads,
 vocab 49152; Qwen2.5-7B: 28 layers, hidden 3584, 28 heads, 4 KV heads, vocab 152064.
+Type-specific values keep their real meaning at tiny scale: Phi-3-mini (32 layers,
+hidden 3072, window 2047); Gemma-2-2B (26 layers, hidden 2304, window 4096, logit
+soft-cap 30, attention soft-cap 50); Gemma-3-1B (26 layers, hidden 1152, window 512,
+5 sliding layers per full one); OLMo-2-1B (16 layers, hidden 2048); Granite-3.0-2B
+(40 layers, hidden 2048, logits_scaling 8); StableLM-2-1.6B (24 layers, hidden 2048,
+partial rotary 0.25). Windows are 16 here, so the tests' prompts exceed them.
 """
 
 from __future__ import annotations
@@ -34,7 +40,26 @@ TINY_CONFIGS = {
     "gpt_oss": lambda: transformers.GptOssConfig(
         **{**TINY, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16
     ),
+    "phi3": lambda: transformers.Phi3Config(**TINY, sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **TINY, head_dim=16, sliding_window=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0
+    ),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **TINY,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0,
+    ),
+    "olmo2": lambda: transformers.Olmo2Config(**TINY, pad_token_id=0, eos_token_id=2),
+    "granite": lambda: transformers.GraniteConfig(
+        **TINY, logits_scaling=8.0, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625
+    ),
+    "stablelm": lambda: transformers.StableLmConfig(**TINY, partial_rotary_factor=0.25),
 }
+EAGER_TYPES = {"gpt_oss", "gemma2", "gemma3"}
+"""Types built with eager attention: gpt_oss has no sdpa path in transformers 5.x; sdpa cannot soft-cap
+attention scores, and Gemma recommends eager."""
 
 
 def tiny_trunk(model_type: str = "llama", seed: int = 0, **overrides: object) -> transformers.PreTrainedModel:
@@ -43,7 +68,7 @@ def tiny_trunk(model_type: str = "llama", seed: int = 0, **overrides: object) ->
     config = TINY_CONFIGS[model_type]()
     for key, value in overrides.items():
         setattr(config, key, value)
-    attn = "eager" if model_type == "gpt_oss" else "sdpa"  # gpt_oss has no sdpa path in transformers 5.x
+    attn = "eager" if model_type in EAGER_TYPES else "sdpa"
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.eval()
 

@@ -34,7 +34,7 @@ from ..bus import NoteBus
 from ..sidecars.context import PackedNotes
 from ..sidecars.heads.layer import masked_mean
 from ..stream_kv import StreamKVCache, stream_attention
-from ..trunk.architectures import base_model
+from ..trunk.architectures import base_model, text_config
 from ..trunk.compat import cache_kwargs, output_cache
 from .output import MultiStreamOutput, Telemetry
 from .sampling import TokenChooser
@@ -61,11 +61,13 @@ class DecodeSettings:
     rollback: bool = True
     """False: every block commits (same as tau = 0)."""
     fast_attention: bool | None = None
-    """Cascade decode attention reading the prefix once (None: on CUDA, for trunks without sliding layers)."""
+    """Cascade decode attention reading the prefix once (None: on CUDA, for trunks without sliding layers or
+    soft-capped attention)."""
 
 
 def sliding_window_of(config) -> int | None:
-    """The trunk's attention window if any of its layers is sliding, else None."""
+    """The trunk's attention window if any of its layers is sliding, else None (read from the text config)."""
+    config = text_config(config)
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
@@ -88,7 +90,7 @@ def trunk_step_masks(config, step_kwargs: dict) -> dict:
     too_far = key_pos[None, None, :] <= positions[:, :, None] - window  # [A, T, KV]
     fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
     sliding = mask.masked_fill(too_far[:, None], fill)
-    if getattr(config, "layer_types", None) is not None:
+    if getattr(text_config(config), "layer_types", None) is not None:
         return {**step_kwargs, "attention_mask": {"full_attention": mask, "sliding_attention": sliding}}
     return {**step_kwargs, "attention_mask": sliding}
 
@@ -289,7 +291,12 @@ class MultiStreamDecoder:
         self.bus = self.make_bus(planner_notes)
         fast = s.fast_attention
         if fast is None:
-            fast = self.device.type == "cuda" and sliding_window_of(self.model.trunk.config) is None
+            config = self.model.trunk.config
+            fast = (
+                self.device.type == "cuda"
+                and sliding_window_of(config) is None
+                and getattr(text_config(config), "attn_logit_softcapping", None) is None
+            )
         round = 0
         try:
             with stream_attention(self.model.trunk, cache) if fast else nullcontext():

@@ -29,6 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..trunk.architectures import text_config
 from .cache import StreamKVCache
 
 __all__ = ["STREAM_ATTENTION", "stream_attention", "stream_attention_forward"]
@@ -136,6 +137,12 @@ def stream_attention(model: torch.nn.Module, cache: StreamKVCache) -> Iterator[S
     """
     if not isinstance(cache, StreamKVCache):
         raise TypeError(f"cache must be a StreamKVCache, got {type(cache).__name__}.")
+    softcap = getattr(text_config(model.config), "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(
+            f"the cascade decode kernel has no attention soft-capping, but this trunk soft-caps its attention "
+            f"logits (attn_logit_softcapping={softcap}); decode on the simple path (fast_attention=False)."
+        )
     previous = model.config._attn_implementation
     if previous not in _DELEGATES:
         raise ValueError(

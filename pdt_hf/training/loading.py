@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import PDTConfig
 from ..modeling import PDTForCausalLM
+from ..trunk.architectures import text_config
 from ..trunk.loading import load_tokenizer, load_trunk
 from ..trunk.quantized import pin_4bit_layout
 from .config import ModelConfig
@@ -94,6 +95,7 @@ def load_pdt_model(
 
 def has_sliding_layers(trunk_config: object) -> bool:
     """Whether any decoder layer uses sliding-window attention (then a left-padded prefix cache is inexact)."""
+    trunk_config = text_config(trunk_config)
     layer_types = getattr(trunk_config, "layer_types", None)
     if layer_types:
         return any("sliding" in str(t) for t in layer_types)

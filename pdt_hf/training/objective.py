@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from ..modeling import PDTForCausalLM
 from ..sidecars.context import DenseNotes
-from ..trunk.architectures import base_model
+from ..trunk.architectures import base_model, trunk_logits
 from ..trunk.compat import cache_kwargs
 from .batch import TrainBatch
 from .config import LoopConfig
@@ -257,7 +257,7 @@ class PDTObjective(nn.Module):
         """Per-token KD and LM CE ``[N', L]`` for every forwarded row."""
         width = hidden.shape[-1]
         pos = batch.pred_pos[rows].unsqueeze(-1).expand(-1, -1, width)
-        logits = self.model.trunk.get_output_embeddings()(hidden.gather(1, pos))  # [N', L, V]
+        logits = trunk_logits(self.model.trunk, hidden.gather(1, pos))  # [N', L, V]
         logp = torch.log_softmax(logits.float(), dim=-1)
         kd_tok = topk_bucket_kl(batch.kd_logprobs[rows], logp.gather(-1, batch.kd_ids[rows]))
         return kd_tok, section_cross_entropy(logits, batch.labels[rows])

@@ -4,7 +4,8 @@ Hooks are registered on the objects inside the trunk's own ``nn.ModuleList``
 (never on a copied list), and one :class:`SidecarHooks` object owns their
 handles: ``detach()`` removes every one, and using it as a context manager
 removes them in ``finally``. Decoder layers in transformers 5.x return a
-tensor; a tuple output (older layers, MoE router logits) keeps its tail.
+tensor; a tuple output (older layers, MoE router logits) keeps its tail; any
+other output is refused with :class:`UnsupportedTrunkError` on the first forward.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .architectures import decoder_layers
+from .architectures import UnsupportedTrunkError, decoder_layers
 
 
 class SidecarHooks:
@@ -47,9 +49,15 @@ class SidecarHooks:
         sidecar = self.sidecar
 
         def hook(module: nn.Module, args: tuple, output: object) -> object:
-            if isinstance(output, tuple):
+            if isinstance(output, torch.Tensor):
+                return sidecar.layer_delta(layer_idx, output)
+            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
                 return (sidecar.layer_delta(layer_idx, output[0]), *output[1:])
-            return sidecar.layer_delta(layer_idx, output)
+            raise UnsupportedTrunkError(
+                f"decoder layer {layer_idx} ({type(module).__name__}) returned {type(output).__name__}, not a "
+                "hidden-state tensor or a tuple starting with one, so pdt-hf cannot add sidecar deltas to it; this "
+                "trunk type needs an entry in pdt_hf.trunk.architectures.ARCHITECTURES."
+            )
 
         return hook
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ...trunk.architectures import trunk_logits
 from ..losses import topk_bucket_kl
 from ..rounds import num_blocks, state_positions
 
@@ -132,7 +133,7 @@ class Teacher:
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[P, d]`` hidden states -> ``[P, V]`` fp32 log-probs."""
-        return torch.log_softmax(self.model.get_output_embeddings()(hidden).float(), dim=-1)
+        return torch.log_softmax(trunk_logits(self.model, hidden).float(), dim=-1)
 
     @torch.no_grad()
     def score(

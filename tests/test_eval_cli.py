@@ -1,4 +1,5 @@
-"""``pdt eval``: the serial split rule, prompt sets, scoring pieces, and a full run on a tiny trunk."""
+"""``pdt eval``: the serial teacher as the serial reference, prompt sets, scoring pieces, empty sections, and a
+full run on a tiny trunk."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 from conftest import tiny_tokenizer, tiny_trunk
 
+from pdt_hf import PDTConfig, PDTForCausalLM
 from pdt_hf.cli import main
-from pdt_hf.evaluation.baselines import EVAL_METHODS, serial_message, split_sections
-from pdt_hf.evaluation.evaluate import METRICS, assemble_ids, token_nlls
+from pdt_hf.evaluation.baselines import EVAL_METHODS, MethodRun, run_method, serial_message
+from pdt_hf.evaluation.evaluate import METRICS, QUALITY, assemble_ids, evaluate, token_nlls
 from pdt_hf.evaluation.metrics import serial_fidelity
 from pdt_hf.evaluation.prompt_sets import load_eval_items, pad_plan
 
@@ -19,31 +21,55 @@ PLAN = ["Thesis", "Evidence", "Conclusion"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-# ------------------------------------------------------------------------------------------- split rule
-def test_split_by_headings_keeps_preamble_in_first_section_and_ignores_body_mentions() -> None:
-    text = (
-        "Intro line.\n## Thesis\nA claim.\n- Evidence should be cited properly in every paragraph.\n"
-        "**Evidence:**\nData.\n\n3. Conclusion\nWrap up."
-    )
-    sections, rule = split_sections(text, PLAN)
-    assert rule == "headings"
-    assert sections == [
-        "Intro line.\n\nA claim.\n- Evidence should be cited properly in every paragraph.",
-        "Data.",
-        "Wrap up.",
-    ]
+# ------------------------------------------------------------------------------------------- serial teacher
+def _tiny_model(num_streams: int = 3) -> PDTForCausalLM:
+    model = PDTForCausalLM(tiny_trunk("llama"), PDTConfig(num_streams=num_streams))
+    model.tokenizer = tiny_tokenizer()
+    return model.eval()
 
 
-def test_split_missing_heading_leaves_empty_section() -> None:
-    sections, rule = split_sections("Opening text.\nConclusion:\nThe end.", PLAN)
-    assert rule == "partial-headings"
-    assert sections == ["Opening text.", "", "The end."]
+def test_serial_writes_k_sections_each_after_the_earlier_ones_under_their_headings() -> None:
+    from pdt_hf.generation.prompts import render_ids, stream_message
+
+    model, tok = _tiny_model(), tiny_tokenizer()
+    prompt, n = "Explain essays.", 6
+    # Make section 0 end at end of turn: a token it writes early becomes an end-of-turn token.
+    probe = run_method(model, "serial", prompt, PLAN, n)
+    cut = next(i for i, t in enumerate(probe.section_ids[0]) if i and t not in probe.section_ids[0][:i])
+    model.trunk.generation_config.eos_token_id = [tok.eos_token_id, probe.section_ids[0][cut]]
+    run = run_method(model, "serial", prompt, PLAN, n)
+    assert len(run.sections) == len(run.section_ids) == len(run.contexts) == len(run.finish_reasons) == 3
+    assert run.section_ids[0] == probe.section_ids[0][: cut + 1] and run.finish_reasons[0] == "eos"
+    assert run.sections[0] == tok.decode(probe.section_ids[0][:cut]).strip()
+    assert run.tokens == sum(len(s) for s in run.section_ids) - sum(r == "eos" for r in run.finish_reasons)
+    eos = set(model.trunk.generation_config.eos_token_id)
+    for ids, reason in zip(run.section_ids, run.finish_reasons):
+        assert 1 <= len(ids) <= n and (reason == "length") == (len(ids) == n and ids[-1] not in eos)
+    # Section 0 is written after exactly the stream prompt SoT gives stream 0.
+    assert run.contexts[0] == render_ids(tok, stream_message(prompt, PLAN, PLAN[0]))
+    for k, context in enumerate(run.contexts):
+        text = tok.decode(context)
+        assert text.rstrip().endswith(f'Write only the section "{PLAN[k]}".</s>\n<s>assistant')
+        for j in range(k):  # every earlier section, under its heading, before this one is written
+            assert f"{PLAN[j]}:\n{run.sections[j]}" in text
+        assert all(f"{PLAN[j]}:\n" not in text for j in range(k, 3))
 
 
-def test_split_without_headings_cuts_paragraphs_by_word_midpoints() -> None:
-    sections, rule = split_sections("One para here.\n\nTwo para here is longer text.\n\nThree.", PLAN)
-    assert rule == "paragraphs"
-    assert sections == ["One para here.", "Two para here is longer text.", "Three."]
+def test_serial_with_one_section_equals_hf_generate_of_the_same_context() -> None:
+    from pdt_hf.generation.prompts import render_ids, stream_message
+
+    model, tok = _tiny_model(), tiny_tokenizer()
+    context = render_ids(tok, stream_message("Explain tea.", ["Water"], "Water"))
+    ids = torch.tensor([context])
+    with torch.no_grad():
+        out = model.trunk.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0
+        )
+    expected = out[0, len(context) :].tolist()
+    expected = expected[: next((i + 1 for i, t in enumerate(expected) if t == tok.eos_token_id), len(expected))]
+    run = run_method(model, "serial", "Explain tea.", ["Water"], 10)
+    assert run.contexts == [context] and run.section_ids == [expected]
+    assert run.sections == [tok.decode(expected, skip_special_tokens=True).strip()]
 
 
 def test_serial_message_lists_the_plan_as_headings() -> None:
@@ -107,7 +133,73 @@ def test_within_section_repetition_counts_loops_not_cross_section_repeats() -> N
 
     # "a b c d a b c d": 5 grams, the 5th (a b c d) repeats the 1st; the other section repeats across only.
     assert within_section_repetition(["a b c d a b c d", "a b c d"]) == pytest.approx(1 / 6)
-    assert within_section_repetition(["too short", ""]) == 0.0
+    assert within_section_repetition(["too short", "x"]) == 0.0
+    with pytest.raises(ValueError, match=r"sections \[1\] are empty"):
+        within_section_repetition(["a b c d a b c d", " "])
+
+
+# ------------------------------------------------------------------------------------------- empty sections
+class _WordEncoder:
+    """Bag-of-words sentence encoder, enough for redundancy on fixed text."""
+
+    def encode(self, sentences: list[str]) -> np.ndarray:
+        vocab: dict[str, int] = {}
+        rows = [[vocab.setdefault(w, len(vocab)) for w in s.lower().split()] for s in sentences]
+        out = np.zeros((len(sentences), max(1, len(vocab))))
+        for i, row in enumerate(rows):
+            out[i, row] = 1.0
+        return out
+
+
+def test_an_answer_with_an_empty_section_is_flagged_unscored_and_counted(monkeypatch) -> None:
+    from pdt_hf.evaluation import evaluate as evaluate_module
+    from pdt_hf.evaluation.prompt_sets import EvalItem
+    from pdt_hf.evaluation.report import eval_markdown
+
+    model, tok = _tiny_model(2), tiny_tokenizer()
+    written = {"serial": ["Hot water.", "Green leaves."], "sot": ["Boil it.", "Steep it."], "pdt": ["Pour.", "Wait."]}
+    empty_at = {("sot", 1): ["Boil it.", " \n"], ("pdt", 0): ["", "Wait."]}  # (method, prompt) -> sections
+
+    def fake_run(model, method, prompt, plan, max_new_tokens, seed=0):
+        sections = empty_at.get((method, int(prompt[-1])), written[method])
+        ids = [tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in sections]
+        telemetry = {"commits": [], "coverage": [], "rolled_back_tokens": 0, "decoded_tokens": 8}
+        return MethodRun(
+            method,
+            [s.strip() for s in sections],
+            tokens=sum(len(i) - 1 for i in ids),
+            decoded=8,
+            seconds=1.0,
+            section_ids=ids,
+            telemetry=None if method == "serial" else telemetry,
+            finish_reasons=["eos", "eos"],
+        )
+
+    monkeypatch.setattr(evaluate_module, "run_method", fake_run)
+    items = [EvalItem(f"Explain tea {i}", ["Water", "Leaves"]) for i in range(3)]
+    result = evaluate(model, items, 4, _WordEncoder(), methods=("serial", "sot", "pdt"), progress=False)
+    rows = [p["methods"] for p in result["prompts"]]
+    assert rows[1]["sot"]["empty_sections"] == [1] and rows[0]["pdt"]["empty_sections"] == [0]
+    assert rows[0]["sot"]["empty_sections"] == [] and rows[2]["pdt"]["empty_sections"] == []
+    for row in (rows[1]["sot"], rows[0]["pdt"]):
+        assert all(row[m] is None for m in QUALITY) and row["tokens"] is not None
+    assert rows[0]["sot"]["fidelity"] is not None and rows[0]["sot"]["coverage_text"] is not None
+    assert result["empty_sections"] == {
+        "serial": {"excluded": 0, "of": 3, "prompts": []},
+        "sot": {"excluded": 1, "of": 3, "prompts": [1]},
+        "pdt": {"excluded": 1, "of": 3, "prompts": [0]},
+    }
+    summary, paired = result["summary"], result["paired_vs_pdt"]
+    assert summary["serial"]["fidelity"]["n"] == 3 and summary["sot"]["fidelity"]["n"] == 2
+    assert summary["sot"]["tokens"]["n"] == 3  # cost is still reported for every answer
+    # Paired differences only where both methods wrote every section: serial-pdt on prompts 1, 2; sot-pdt on 2.
+    assert paired["serial"]["fidelity"]["n"] == 2 and paired["serial"]["tokens"]["n"] == 2
+    assert paired["sot"]["redundancy_ngram4"]["n"] == 1 and paired["sot"]["tokens"]["n"] == 1
+    assert result["finish_reasons"]["serial"] == {"eos": 6}
+    markdown = eval_markdown(result)
+    assert "serial 0 of 3; sot 1 of 3 (prompts 1); pdt 1 of 3 (prompts 0)" in markdown
+    fidelity_row = next(line for line in markdown.splitlines() if line.startswith("| fidelity |"))
+    assert [cell.endswith("(n=2)") for cell in fidelity_row.rstrip(" |").split(" | ")[1:]] == [False, True, True]
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -164,7 +256,7 @@ def test_pdt_eval_writes_json_markdown_and_plots(tiny_dir, tmp_path) -> None:
 
     for prompt in result["prompts"]:
         rows = prompt["methods"]
-        assert rows["serial"]["tokens"] <= 2 * 8 and rows["serial"]["split_rule"]
+        assert len(rows["serial"]["sections"]) == 2 and set(rows["serial"]["finish_reasons"]) <= {"eos", "length"}
         assert all(rows[m]["tokens"] <= 2 * 8 for m in EVAL_METHODS)
         # The untrained sidecar is the identity and decoding is greedy: every PDT variant writes what SoT writes.
         for method in ("pdt", "pdt-notes-zero", "pdt-notes-shuffle", "pdt-no-rollback"):

@@ -18,6 +18,7 @@ from pdt_hf.evaluation.metrics import (
     calibration,
     coverage_text,
     embedding_redundancy,
+    empty_sections,
     note_bus_overhead,
     redundancy,
     repeated_ngram_rate,
@@ -166,7 +167,7 @@ def test_embedding_redundancy_is_mean_of_pairwise_max():
     assert embedding_redundancy(shared_one, encoder) == pytest.approx(1.0)
     three = [section, section, "Stocks fell sharply today."]
     assert embedding_redundancy(three, encoder) == pytest.approx(1 / 3)
-    assert embedding_redundancy([section, ""], encoder) == 0.0
+    assert embedding_redundancy([section, "1."], encoder) == 0.0  # written, but no sentence
 
 
 def test_redundancy_identical_disjoint_and_single():
@@ -177,6 +178,33 @@ def test_redundancy_identical_disjoint_and_single():
     assert disjoint["embedding"] < 0.5
     assert disjoint["ngram4"] == 0.0
     assert redundancy([same], encoder) == {"embedding": 0.0, "ngram4": 0.0}
+
+
+# --------------------------------------------------------------------------------------------- empty sections
+def test_empty_sections_are_whitespace_once_special_tokens_are_stripped():
+    sections = ["Rinse.", "  \n\t", "<|im_end|>", " <|im_end|> ok", "", ["a", "b"], [], [" ", "\n"]]
+    assert empty_sections(sections, ["<|im_end|>"]) == [1, 2, 4, 6, 7]
+    assert empty_sections(sections) == [1, 4, 6, 7]  # without the special token list it is text
+    assert empty_sections(["--", "1."]) == []
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        lambda s: embedding_redundancy(s, BagOfWordsEncoder()),
+        lambda s: redundancy(s, BagOfWordsEncoder()),
+        lambda s: repeated_ngram_rate(s),
+        lambda s: coverage_text(s, PLAN),
+        lambda s: text_covered_items(s, PLAN),
+    ],
+    ids=["embedding", "redundancy", "ngram4", "coverage", "covered_items"],
+)
+def test_every_metric_refuses_an_answer_with_an_empty_section(metric):
+    written = ["Choose a sunny site.", "Prepare the soil with compost.", "Water seedlings daily."]
+    metric(written)  # three real sections score
+    for empty in ("", "   \n "):
+        with pytest.raises(ValueError, match=r"sections \[1\] of 3 are empty"):
+            metric([written[0], empty, written[2]])
 
 
 # ------------------------------------------------------------------------------------------------ coverage
@@ -190,7 +218,7 @@ def test_coverage_text_hand_made_cases():
     assert coverage_text(SECTIONS, PLAN, threshold=1.0) == pytest.approx(2 / 3)
     rotated = SECTIONS[1:] + SECTIONS[:1]
     assert coverage_text(rotated, PLAN) == 0.0
-    assert text_covered_items(["Anything at all.", ""], ["And then", "Of the"]) == [True, False]
+    assert text_covered_items(["Anything at all.", "--"], ["And then", "Of the"]) == [True, False]
 
 
 def test_coverage_text_validation():

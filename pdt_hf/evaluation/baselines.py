@@ -3,8 +3,10 @@
 ==================  =========================================================================================
 method              what runs
 ==================  =========================================================================================
-``serial``          the bare trunk, one ``generate`` call on one prompt asking for the whole answer with the
-                    plan's titles as ``## `` headings, ``K * N`` new tokens; split into sections afterwards
+``serial``          the serial teacher of ``pdt data build`` (``training.data.builder.write_serial``), bare trunk:
+                    section k written after the prompt, the plan and sections 0..k-1 under their titles, its
+                    own title named as the one to write; N tokens per section, greedy, each section ending at
+                    its first end-of-turn token. K real sections, nothing to split afterwards
 ``sot``             Skeleton-of-Thought: K independent streams (the K stream prompts of PDT), sidecars
                     detached, notes off, rollback off; greedy, so each stream equals HF ``generate`` on its
                     own prompt
@@ -18,26 +20,14 @@ method              what runs
                     carry, and a Hogwild!-style baseline; its telemetry reports the re-prefilled tokens per round
 ==================  =========================================================================================
 
-Splitting the serial answer (``split_sections``), the documented rule:
-
-1. A *heading line* for plan item i looks like a heading (starts with ``#``, ``**`` or a number such as
-   ``1.``/``2)``/``Section 3:``, or ends with ``:``, or has at most 6 words and no final ``.``), has at most 12
-   words once markdown, the number and a trailing ``:`` are stripped, and either contains the item's text or
-   holds at least half of its content words (``training.data.plan.content_words``).
-2. Items are searched in plan order, each after the previous match. Section i is the text between its
-   heading and the next matched heading (heading lines themselves are not section text). Text before the
-   first matched heading belongs to item 0; an item whose heading is never found gets an empty section
-   (its text, if any, stays in the section before it).
-3. If no heading matches at all, the answer is cut into K contiguous runs of paragraphs (blank-line
-   separated; sentences when there are fewer than K paragraphs) of about equal word counts: a unit goes to
-   run ``floor(K * midpoint / total words)``.
-
-The rule used is recorded per prompt: ``headings`` (all K found), ``partial-headings`` or ``paragraphs``.
+The serial reference is the serial teacher rather than one ``generate`` call cut by headings afterwards: the
+135M trunk rarely writes the headings it is asked for, so a heading splitter left most serial answers with an
+empty section and the metrics measured the splitter. ``MethodRun.finish_reasons`` says per section whether it
+ended at end of turn (``eos``) or hit its budget (``length``); ``contexts`` holds each section's context ids.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,18 +35,18 @@ from typing import Any
 
 import torch
 
-from ..generation.prompts import render_ids
-from ..training.data.plan import content_words
-from .metrics import split_sentences
+from ..training.data.builder import write_serial
+from ..training.data.config import DataBuildConfig
+from ..training.data.teacher import Teacher
 
 __all__ = [
     "EVAL_METHODS",
     "PDT_VARIANTS",
     "MethodRun",
     "run_method",
+    "run_serial",
     "run_text_bus",
     "serial_message",
-    "split_sections",
 ]
 
 SERIAL_INSTRUCTION = "{prompt}\n\nWrite the whole answer in {k} sections, in this order, each starting with its heading line:\n{headings}"
@@ -69,16 +59,16 @@ PDT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 EVAL_METHODS = ("serial", "sot", *PDT_VARIANTS, "pdt-text-bus")
 
-_MARKUP = re.compile(r"^[\s#*_>\-]*(?:(?:section|part|step)\s*\d+\s*[:.)-]?|\(?\d+[.):\]])?[\s#*_]*", re.I)
-
 
 @dataclass
 class MethodRun:
     """What one method wrote for one prompt, with everything the metrics need.
 
-    ``sections``: text per plan item; ``section_ids``: token ids per plan item (stream ids for the
-    multi-stream methods, ``None`` for serial); ``tokens``: new tokens kept; ``decoded``: tokens decoded
-    including rolled-back ones; ``telemetry``: ``Telemetry.to_dict()`` for multi-stream methods.
+    ``sections``: text per plan item; ``section_ids``: token ids per plan item (a trailing end-of-turn token
+    kept); ``tokens``: new tokens kept, special tokens excluded; ``decoded``: tokens decoded including
+    rolled-back ones; ``telemetry``: ``Telemetry.to_dict()`` for multi-stream methods; ``finish_reasons``: per
+    section ``eos`` (ended at end of turn) or ``length`` (hit its budget); ``contexts``: serial only, the
+    context ids each section was written after.
     """
 
     method: str
@@ -88,79 +78,17 @@ class MethodRun:
     seconds: float
     section_ids: list[list[int]] | None = None
     telemetry: dict[str, Any] | None = None
-    raw_text: str | None = None
-    split_rule: str | None = None
     finish_reasons: list[str] = field(default_factory=list)
+    contexts: list[list[int]] | None = None
 
 
 def serial_message(prompt: str, plan: Sequence[str]) -> str:
-    """The one user message the serial baseline gets: the request and the plan's titles as ``## `` headings."""
+    """One user message asking for the whole answer with the plan's titles as ``## `` headings.
+
+    The context fidelity is scored in (``evaluate``) and the prompt of ``pdt bench``'s one-call serial run.
+    """
     headings = "\n".join(f"## {item}" for item in plan)
     return SERIAL_INSTRUCTION.format(prompt=prompt.strip(), k=len(plan), headings=headings)
-
-
-def _heading_text(line: str) -> str:
-    return _MARKUP.sub("", line).strip().rstrip(":*_ ").strip().lower()
-
-
-def _looks_like_heading(line: str, text: str) -> bool:
-    stripped = line.strip()
-    marked = stripped.startswith(("#", "**")) or bool(
-        re.match(r"\(?\d+[.):\]]|(?:section|part|step)\s*\d", stripped, re.I)
-    )
-    return marked or stripped.rstrip("*_ ").endswith(":") or (len(text.split()) <= 6 and not stripped.endswith("."))
-
-
-def _is_heading_for(line: str, item: str) -> bool:
-    text = _heading_text(line)
-    if not text or len(text.split()) > 12 or not _looks_like_heading(line, text):
-        return False
-    if item.lower() in text:
-        return True
-    wanted = content_words(item)
-    return bool(wanted) and len(wanted & content_words(text)) >= 0.5 * len(wanted)
-
-
-def _split_even(text: str, k: int) -> list[str]:
-    units = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    if len(units) < k:
-        units = split_sentences(text)
-    if not units:
-        return [""] * k
-    weights = [max(1, len(u.split())) for u in units]
-    total, sections, acc = sum(weights), [[] for _ in range(k)], 0
-    for unit, weight in zip(units, weights):
-        part = min(k - 1, int(k * (acc + weight / 2) / total))  # by the unit's midpoint
-        sections[part].append(unit)
-        acc += weight
-    return ["\n\n".join(s) for s in sections]
-
-
-def split_sections(text: str, plan: Sequence[str]) -> tuple[list[str], str]:
-    """Cut a serial answer into one section per plan item (rule in the module docstring).
-
-    Returns:
-        ``(sections, rule)`` with ``len(sections) == len(plan)`` and rule one of ``headings``,
-        ``partial-headings``, ``paragraphs``.
-    """
-    lines = text.splitlines()
-    starts: dict[int, int] = {}
-    cursor = 0
-    for i, item in enumerate(plan):
-        for j in range(cursor, len(lines)):
-            if _is_heading_for(lines[j], item):
-                starts[i], cursor = j, j + 1
-                break
-    if not starts:
-        return _split_even(text, len(plan)), "paragraphs"
-    order = sorted(starts.items(), key=lambda kv: kv[1])
-    sections = [""] * len(plan)
-    bounds = [line for _, line in order] + [len(lines)]
-    sections[0] = "\n".join(lines[: order[0][1]]).strip()
-    for (i, line), end in zip(order, bounds[1:]):
-        body = "\n".join(lines[line + 1 : end]).strip()
-        sections[i] = f"{sections[i]}\n\n{body}".strip() if sections[i] else body
-    return sections, "headings" if len(starts) == len(plan) else "partial-headings"
 
 
 def _eos_ids(model) -> list[int]:
@@ -169,34 +97,30 @@ def _eos_ids(model) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
 
 
-def _pad_id(model) -> int:
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return 0 if pad is None else int(pad)
-
-
 @torch.no_grad()
-def run_serial(model, prompt: str, plan: Sequence[str], max_new_tokens: int) -> MethodRun:
-    """The bare trunk writes the whole answer in one greedy ``generate`` call (stops at EOS like a user's would)."""
-    ids = render_ids(model.tokenizer, serial_message(prompt, plan))
-    device = next(model.trunk.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
+def run_serial(model, prompt: str, plan: Sequence[str], max_new_tokens: int, seed: int = 0) -> MethodRun:
+    """The serial teacher on the bare trunk: K sections one after another, ``max_new_tokens`` each, greedy.
+
+    Section k's context is ``training.data.plan.serial_message``: the request, the plan, sections 0..k-1 under
+    their titles, and ``Write only the section "<plan[k]>"``; with K = 1 it is the stream prompt of ``sot``.
+    """
+    cfg = DataBuildConfig(section_max_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0)
     start = time.perf_counter()
     with model.disable_sidecars():
-        out = model.trunk.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=_pad_id(model),
-            eos_token_id=_eos_ids(model) or None,
-        )
+        teacher = Teacher(model.trunk, model.tokenizer)
+        sections, contexts = write_serial([prompt], [list(plan)], teacher, cfg, seed)
     seconds = time.perf_counter() - start
-    new = [t for t in out[0, len(ids) :].tolist() if t not in set(_eos_ids(model))]
-    text = model.tokenizer.decode(new, skip_special_tokens=True).strip()
-    sections, rule = split_sections(text, plan)
+    ids, eos = sections[0], set(teacher.eos_ids)
+    tokens = sum(len([t for t in s if t not in eos]) for s in ids)
     return MethodRun(
-        "serial", sections, tokens=len(new), decoded=len(new), seconds=seconds, raw_text=text, split_rule=rule
+        "serial",
+        [model.tokenizer.decode([t for t in s if t not in eos], skip_special_tokens=True).strip() for s in ids],
+        tokens=tokens,
+        decoded=sum(len(s) for s in ids),
+        seconds=seconds,
+        section_ids=[list(s) for s in ids],
+        finish_reasons=["eos" if s and s[-1] in eos else "length" for s in ids],
+        contexts=[list(c) for c in contexts[0]],
     )
 
 
@@ -282,9 +206,9 @@ def run_text_bus(model, prompt: str, plan: Sequence[str], max_new_tokens: int) -
 
 
 def run_method(model, method: str, prompt: str, plan: Sequence[str], max_new_tokens: int, seed: int = 0) -> MethodRun:
-    """Run one of ``EVAL_METHODS``; ``max_new_tokens`` is per stream (serial gets ``K * max_new_tokens``)."""
+    """Run one of ``EVAL_METHODS``; ``max_new_tokens`` is per stream (serial: per section)."""
     if method == "serial":
-        return run_serial(model, prompt, plan, len(plan) * max_new_tokens)
+        return run_serial(model, prompt, plan, max_new_tokens, seed)
     if method == "pdt-text-bus":
         return run_text_bus(model, prompt, plan, max_new_tokens)
     if method not in EVAL_METHODS:

@@ -145,7 +145,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     settings = result["settings"]
     header += (
         f"- {settings['num_prompts']} prompts, K = {settings['num_streams']} streams x "
-        f"{settings['max_new_tokens']} tokens (serial: one call of K x N tokens), greedy, seed {args.seed}\n\n"
+        f"{settings['max_new_tokens']} tokens (serial: K sections of N tokens, one after another), greedy, "
+        f"seed {args.seed}\n\n"
     )
     write_json(result, os.path.join(args.out, "eval.json"))
     markdown = eval_markdown(result, header)
@@ -234,7 +235,7 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--limit", type=int, default=10, help="number of prompts (the first ones of the set)")
     p.add_argument("--streams", type=int, default=3, help="K, sections per answer (one stream each)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="N, tokens per stream (serial gets K x N)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="N, tokens per stream (serial: per section)")
     p.add_argument(
         "--methods",
         type=_name_list,

@@ -3,10 +3,14 @@
 Design decisions:
 
 - One *canonical assembly* is scored for every method, so serial fidelity compares like with like: the
-  context is the serial baseline's message (request + plan as ``## `` headings, through the chat
-  template) and the answer is ``## item\\n`` + section + blank line, in plan order. Multi-stream sections
-  enter as the streams' own token ids (trailing special tokens dropped), the serial sections as their
-  re-tokenised text. Fidelity is ``metrics.serial_fidelity_batch`` over these ids under the bare trunk.
+  context is one message asking for the whole answer (request + plan as ``## `` headings, through the chat
+  template; ``baselines.serial_message``) and the answer is ``## item\\n`` + section + blank line, in plan
+  order. Every method's sections enter as its own token ids (trailing special tokens dropped). Fidelity is
+  ``metrics.serial_fidelity_batch`` over these ids under the bare trunk.
+- An answer with an *empty* section (``metrics.empty_sections``: no text once special tokens and whitespace
+  are stripped) is not scored: its row lists ``empty_sections`` and its quality metrics (``QUALITY``) are
+  ``None``, so none of them can be won by writing nothing. ``tokens``, ``seconds`` and ``rollback_rate``
+  describe cost and are kept. ``empty_sections`` in the result counts the excluded answers per method.
 - Agreement-head calibration needs a *measured* label per judged block. Label 1 ("agrees") when the
   block's mean NLL under the bare trunk reading the canonical assembly serially (the same forward as
   fidelity) is at most ``label_nll`` nats/token. ``label_nll="auto"`` takes the 90th percentile of the
@@ -16,7 +20,8 @@ Design decisions:
   block and gives the unbiased figure. Rolled-back blocks are counted, unlabelled.
 - Every per-prompt metric gets a percentile-bootstrap 95% interval over prompts (``stats.bootstrap_ci``)
   and, for each method other than ``pdt``, the paired difference ``method - pdt`` over the same prompts
-  (``stats.paired_difference``). Calibration intervals resample blocks.
+  (``stats.paired_difference``), over the prompts where both methods wrote K non-empty sections (for every
+  metric, so a difference never compares different prompt sets). Calibration intervals resample blocks.
 """
 
 from __future__ import annotations
@@ -33,11 +38,11 @@ from tqdm.auto import tqdm
 
 from ..generation.prompts import render_ids
 from .baselines import EVAL_METHODS, PDT_VARIANTS, MethodRun, run_method, serial_message
-from .metrics import calibration, coverage_text, redundancy, rollback_rate, serial_fidelity_batch
+from .metrics import calibration, coverage_text, empty_sections, redundancy, rollback_rate, serial_fidelity_batch
 from .prompt_sets import EvalItem
 from .stats import bootstrap_ci, paired_difference
 
-__all__ = ["METRICS", "assemble_ids", "evaluate", "token_nlls", "within_section_repetition"]
+__all__ = ["METRICS", "QUALITY", "assemble_ids", "evaluate", "token_nlls", "within_section_repetition"]
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
@@ -53,6 +58,15 @@ METRICS: dict[str, str] = {
     "tokens": "new tokens kept in the answer (special tokens excluded)",
     "seconds": "wall-clock seconds of the method's generate call (noisy on a shared CPU)",
 }
+QUALITY = (
+    "fidelity",
+    "redundancy_embedding",
+    "redundancy_ngram4",
+    "repetition_within",
+    "coverage_text",
+    "coverage_head",
+)
+"""Metrics left ``None`` for an answer with an empty section."""
 
 
 def assemble_ids(
@@ -81,7 +95,13 @@ def token_nlls(trunk: torch.nn.Module, context_ids: Sequence[int], answer_ids: S
 
 
 def within_section_repetition(sections: Sequence[str], n: int = 4) -> float:
-    """Share of word n-grams (pooled over sections) equal to an earlier n-gram of the same section; 0.0 if none."""
+    """Share of word n-grams (pooled over sections) equal to an earlier n-gram of the same section; 0.0 if none.
+
+    An empty section is refused (``ValueError``), as by the other metrics.
+    """
+    empty = empty_sections(sections)
+    if empty:
+        raise ValueError(f"sections {empty} are empty; within_section_repetition does not score such an answer.")
     total = repeated = 0
     for section in sections:
         words = _WORD.findall(section.lower())
@@ -139,29 +159,31 @@ def _serial_blocks(spans: list[tuple[int, int]], nlls: np.ndarray, block_size: i
     ]
 
 
-def _row(run: MethodRun, plan: Sequence[str], fidelity: float, encoder) -> dict[str, Any]:
-    red = redundancy(run.sections, encoder)
+def _row(run: MethodRun, plan: Sequence[str], fidelity: float, encoder, empty: list[int]) -> dict[str, Any]:
     telemetry = run.telemetry
-    row: dict[str, Any] = {
-        "fidelity": fidelity,
-        "redundancy_embedding": red["embedding"],
-        "redundancy_ngram4": red["ngram4"],
-        "repetition_within": within_section_repetition(run.sections),
-        "coverage_text": coverage_text(run.sections, plan),
-        "coverage_head": None,
-        "rollback_rate": None,
-        "tokens": run.tokens,
-        "decoded": run.decoded,
-        "seconds": run.seconds,
-        "sections": run.sections,
-    }
+    row: dict[str, Any] = dict.fromkeys(QUALITY)
+    if not empty:
+        red = redundancy(run.sections, encoder)
+        row.update(
+            fidelity=fidelity,
+            redundancy_embedding=red["embedding"],
+            redundancy_ngram4=red["ngram4"],
+            repetition_within=within_section_repetition(run.sections),
+            coverage_text=coverage_text(run.sections, plan),
+        )
+    row.update(
+        empty_sections=empty,
+        rollback_rate=None,
+        tokens=run.tokens,
+        decoded=run.decoded,
+        seconds=run.seconds,
+        sections=run.sections,
+        finish_reasons=run.finish_reasons,
+    )
     if telemetry is not None:
         row["rollback_rate"] = rollback_rate(telemetry["rolled_back_tokens"], max(1, telemetry["decoded_tokens"]))
-        row["finish_reasons"] = run.finish_reasons
-        if run.method in PDT_VARIANTS and telemetry["coverage"]:
+        if run.method in PDT_VARIANTS and telemetry["coverage"] and not empty:
             row["coverage_head"] = float(np.mean([c >= 0.5 for c in telemetry["coverage"]]))
-    if run.split_rule is not None:
-        row["split_rule"], row["raw_text"] = run.split_rule, run.raw_text
     return row
 
 
@@ -187,6 +209,7 @@ def _calibration(blocks: list[dict], tau: float, seed: int, n_resamples: int = 1
 def _summaries(prompts: list[dict], methods: Sequence[str], seed: int) -> tuple[dict, dict]:
     summary: dict[str, dict] = {m: {} for m in methods}
     paired: dict[str, dict] = {m: {} for m in methods if m != "pdt"}
+    complete = {m: [not p["methods"][m]["empty_sections"] for p in prompts] for m in methods}
     for metric in METRICS:
         values = {m: [p["methods"][m][metric] for p in prompts] for m in methods}
         for m in methods:
@@ -197,7 +220,8 @@ def _summaries(prompts: list[dict], methods: Sequence[str], seed: int) -> tuple[
         if "pdt" not in methods:
             continue
         for m in paired:
-            pairs = [(a, b) for a, b in zip(values[m], values["pdt"]) if a is not None and b is not None]
+            both = zip(values[m], values["pdt"], complete[m], complete["pdt"])
+            pairs = [(a, b) for a, b, ok_a, ok_b in both if ok_a and ok_b and a is not None and b is not None]
             if pairs:
                 diff, low, high = paired_difference([a for a, _ in pairs], [b for _, b in pairs], seed=seed)
                 paired[m][metric] = {"diff": diff, "low": low, "high": high, "n": len(pairs)}
@@ -244,7 +268,10 @@ def evaluate(
                         serial_blocks += _serial_blocks(assembled[method][1], nlls, block_size)
                     else:
                         blocks += _blocks(run, assembled[method][1], nlls, index)
-        rows = {m: _row(run, item.plan, f, encoder) for (m, run), f in zip(runs.items(), fidelity)}
+        rows = {
+            m: _row(run, item.plan, f, encoder, empty_sections(run.sections, tok.all_special_tokens))
+            for (m, run), f in zip(runs.items(), fidelity)
+        }
         prompts.append({"prompt": item.prompt, "plan": item.plan, "plan_source": item.plan_source, "methods": rows})
     bar.close()
 
@@ -258,7 +285,9 @@ def evaluate(
     tau = float(model.pdt_config.agreement_threshold)
     calib = {m: _calibration([b for b in blocks if b["method"] == m], tau, seed) for m in methods if m in PDT_VARIANTS}
     summary, paired = _summaries(prompts, methods, seed)
-    rules = Counter(p["methods"]["serial"]["split_rule"] for p in prompts) if "serial" in methods else Counter()
+    flagged = {m: [i for i, p in enumerate(prompts) if p["methods"][m]["empty_sections"]] for m in methods}
+    excluded = {m: {"excluded": len(v), "of": len(prompts), "prompts": v} for m, v in flagged.items()}
+    finish = {m: dict(Counter(r for p in prompts for r in p["methods"][m]["finish_reasons"])) for m in methods}
     return {
         "methods": list(methods),
         "metrics": METRICS,
@@ -268,7 +297,8 @@ def evaluate(
         "label_nll": threshold,
         "label_nll_source": threshold_source,
         "tau": tau,
-        "serial_split_rules": dict(rules),
+        "empty_sections": excluded,
+        "finish_reasons": finish,
         "prompts": prompts,
         "blocks": blocks,
         "settings": {

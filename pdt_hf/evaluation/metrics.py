@@ -8,9 +8,14 @@ Design decisions:
 - Serial fidelity scores only the answer: ``labels`` are ``-100`` on the prompt and on padding, and the
   logit at position ``t`` is scored against the token at ``t + 1`` (labels shifted, never unshifted).
   Batches are right-padded, so real tokens keep positions ``0..n-1`` and never attend to padding.
+- A section is *empty* when no non-whitespace text is left once special tokens are stripped
+  (``empty_sections``). Redundancy, the repeated 4-gram rate and text coverage refuse an answer with an
+  empty section (``ValueError`` naming the sections) instead of scoring it: an empty section has nothing to
+  repeat or to cover, so a score would reward writing nothing. ``pdt eval`` flags such an answer and leaves
+  its metrics ``None``.
 - Redundancy of fewer than two sections is 0.0 for both parts: with one stream nothing can repeat
-  across streams. A section with no sentence (empty, or no letters) contributes similarity 0.0 to each
-  of its pairs.
+  across streams. A non-empty section with no sentence (no letters, e.g. ``"1."``) contributes similarity
+  0.0 to each of its pairs.
 - Words are lowercase runs of letters and digits (``[a-z0-9]+``, with an optional ``'s``-style tail);
   sentences end at ``.``, ``!``, ``?`` followed by space, or at a line break; fragments without a
   letter (``"1."``, ``"-"``) are dropped.
@@ -38,6 +43,7 @@ __all__ = [
     "calibration",
     "coverage_text",
     "embedding_redundancy",
+    "empty_sections",
     "note_bus_overhead",
     "redundancy",
     "repeated_ngram_rate",
@@ -71,6 +77,34 @@ def _check_sections(sections: Sequence[Any], name: str = "sections") -> None:
     if isinstance(sections, str | bytes) or not isinstance(sections, Sequence):
         raise ValueError(
             f"{name}={sections!r:.80} must be a list of section texts, one per stream; wrap it in a list."
+        )
+
+
+def empty_sections(sections: Sequence[str | Sequence[str]], special_tokens: Sequence[str] = ()) -> list[int]:
+    """Indices of the empty sections: no non-whitespace text once every ``special_tokens`` string is removed.
+
+    A section is a text or a list of words (empty when no word has a non-whitespace character).
+    """
+    _check_sections(sections)
+    empty = []
+    for i, section in enumerate(sections):
+        if not isinstance(section, str):
+            section = " ".join(str(word) for word in section)
+        for token in special_tokens:
+            if token:
+                section = section.replace(token, "")
+        if not section.strip():
+            empty.append(i)
+    return empty
+
+
+def _refuse_empty(sections: Sequence[str | Sequence[str]], metric: str) -> None:
+    empty = empty_sections(sections)
+    if empty:
+        raise ValueError(
+            f"sections {empty} of {len(sections)} are empty; {metric} does not score an answer with an empty "
+            "section. Check with empty_sections() first and report the answer as unscored (pdt eval leaves its "
+            "metrics None and flags empty_sections)."
         )
 
 
@@ -195,9 +229,9 @@ def repeated_ngram_rate(sections: Sequence[str | Sequence[str]], n: int = 4) -> 
 
     Each section is a text or a list of words. Repeats inside one section do not count. Sections shorter
     than ``n`` words contribute no n-grams; with fewer than two sections, or no n-gram at all, the rate
-    is 0.0.
+    is 0.0. An empty section is refused (``ValueError``).
     """
-    _check_sections(sections)
+    _refuse_empty(sections, "repeated_ngram_rate")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r} must be a positive integer (4 for the redundancy metric).")
     if len(sections) < 2:
@@ -216,9 +250,9 @@ def embedding_redundancy(sections: Sequence[str], encoder: Any) -> float:
     """Mean over section pairs ``i < j`` of the max cosine similarity between a sentence of ``i`` and one of ``j``.
 
     ``encoder.encode(list[str])`` must return a ``[S, D]`` array; all sentences go through one call.
-    Fewer than two sections gives 0.0.
+    Fewer than two sections gives 0.0. An empty section is refused (``ValueError``).
     """
-    _check_sections(sections)
+    _refuse_empty(sections, "embedding_redundancy")
     if len(sections) < 2:
         return 0.0
     sentences = [split_sentences(section) for section in sections]
@@ -244,7 +278,7 @@ def embedding_redundancy(sections: Sequence[str], encoder: Any) -> float:
 def redundancy(sections: Sequence[str], encoder: Any) -> dict[str, float]:
     """Cross-section redundancy: ``{"embedding": embedding_redundancy, "ngram4": repeated 4-gram rate}``.
 
-    Both are 0.0 for a single section (nothing can repeat across streams).
+    Both are 0.0 for a single section (nothing can repeat across streams); an empty section is refused.
     """
     return {"embedding": embedding_redundancy(sections, encoder), "ngram4": repeated_ngram_rate(sections, 4)}
 
@@ -253,7 +287,8 @@ def redundancy(sections: Sequence[str], encoder: Any) -> dict[str, float]:
 def text_covered_items(sections: Sequence[str], plan: Sequence[str], threshold: float = 0.5) -> list[bool]:
     """Per plan item: do at least ``threshold`` of its content stems occur in ``sections[i]``?
 
-    An item with no content word (only stop words) is covered when its section has any word.
+    An item with no content word (only stop words) is covered when its section has any word. An empty
+    section is refused (``ValueError``): a score would not tell "never written" from "written off the item".
     """
     _check_sections(sections)
     _check_sections(plan, "plan")
@@ -263,6 +298,7 @@ def text_covered_items(sections: Sequence[str], plan: Sequence[str], threshold: 
         )
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold={threshold!r} must be in (0, 1]; 0.5 is the documented default.")
+    _refuse_empty(sections, "text coverage")
     covered = []
     for section, item in zip(sections, plan):
         wanted = _content_stems(item)

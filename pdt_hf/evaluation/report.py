@@ -2,8 +2,11 @@
 
 Design decisions:
 
-- Cells read ``mean [low, high]`` (95% percentile bootstrap over prompts). Paired differences are
+- Cells read ``mean [low, high]`` (95% percentile bootstrap over prompts), with ``(n=...)`` when fewer
+  answers than prompts were scored (empty sections, or a metric a method does not have). Paired differences are
   ``method - pdt`` on the same prompts; a ``*`` marks an interval that excludes 0.
+- Below the tables: how many answers per method were not scored for an empty section (and which prompts),
+  and how the sections ended (end of turn or the N-token budget).
 - Plots use matplotlib's Agg backend (no display needed): one bar chart per metric with the interval as
   error bars, and a reliability diagram of the agreement head per PDT variant.
 """
@@ -52,10 +55,11 @@ def write_json(data: Any, path: str) -> str:
     return path
 
 
-def _cell(stat: dict | None, spec: str) -> str:
+def _cell(stat: dict | None, spec: str, total: int | None = None) -> str:
     if not stat:
         return "–"
-    return f"{format(stat['mean'], spec)} [{format(stat['low'], spec)}, {format(stat['high'], spec)}]"
+    fewer = f" (n={stat['n']})" if total is not None and stat.get("n", total) < total else ""
+    return f"{format(stat['mean'], spec)} [{format(stat['low'], spec)}, {format(stat['high'], spec)}]{fewer}"
 
 
 def _diff(stat: dict | None, spec: str) -> str:
@@ -68,11 +72,12 @@ def _diff(stat: dict | None, spec: str) -> str:
 def eval_markdown(result: dict, header: str = "") -> str:
     """The eval tables: metrics per method, paired differences vs ``pdt``, agreement-head calibration."""
     methods, summary = result["methods"], result["summary"]
+    total = result.get("settings", {}).get("num_prompts")
     lines = [header] if header else []
     lines += ["| metric | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for metric in result["metrics"]:
         spec = _DIGITS.get(metric, ".3f")
-        lines.append(f"| {metric} | " + " | ".join(_cell(summary[m].get(metric), spec) for m in methods) + " |")
+        lines.append(f"| {metric} | " + " | ".join(_cell(summary[m].get(metric), spec, total) for m in methods) + " |")
     paired = result["paired_vs_pdt"]
     if paired:
         others = list(paired)
@@ -110,10 +115,34 @@ def eval_markdown(result: dict, header: str = "") -> str:
                 f"| {method} | {c['n']} | {c['label_rate']:.2f} | {ece} | {brier} | {c['precision']:.2f} "
                 f"| {c['recall']:.2f} | {c['n_rolled_back']} | {c['n_unlabelled'] - c['n_rolled_back']} |"
             )
-    rules = result.get("serial_split_rules")
-    if rules:
-        lines += ["", "Serial answers split by: " + ", ".join(f"{k} {v}" for k, v in sorted(rules.items())) + "."]
+    lines += _empty_and_finish_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def _empty_and_finish_lines(result: dict) -> list[str]:
+    """Answers excluded for an empty section, and how sections ended, per method."""
+    lines: list[str] = []
+    empty = result.get("empty_sections")
+    if empty:
+        parts = [
+            f"{m} {e['excluded']} of {e['of']}"
+            + (f" (prompts {', '.join(map(str, e['prompts']))})" if e["prompts"] else "")
+            for m, e in empty.items()
+        ]
+        lines += [
+            "",
+            "Answers with an empty section, not scored (quality metrics None; paired differences use only prompts "
+            "where both methods wrote every section): " + "; ".join(parts) + ".",
+        ]
+    finish = result.get("finish_reasons")
+    if finish:
+        parts = [
+            f"{m} {c.get('eos', 0)} end of turn / {c.get('length', 0)} at the budget"
+            + "".join(f" / {c[r]} {r}" for r in sorted(set(c) - {"eos", "length"}))
+            for m, c in finish.items()
+        ]
+        lines += ["", "Sections ending: " + "; ".join(parts) + "."]
+    return lines
 
 
 def _figure():

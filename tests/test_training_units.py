@@ -263,5 +263,33 @@ def test_shipped_smollm2_sidecar_matches_the_trunk_layout():
         "num_hidden_layers": 30,
         "vocab_size": 49152,
     }
-    assert 0.0 < config.agreement_threshold < 1.0 and config.agreement_threshold != 0.5
+    # Its agreement head's rollbacks did not pay on validation (docs/training.md), so calibration's rule ships tau = 0.
+    assert config.agreement_threshold == 0.0
     assert any(float(t.abs().sum()) > 0 for k, t in tensors.items() if k.endswith(".up"))
+
+
+def test_wilson_interval_exact_values():
+    from pdt_hf.training.calibration import wilson_interval
+
+    low, high = wilson_interval(55, 135)
+    assert low == pytest.approx(0.32820, abs=1e-4) and high == pytest.approx(0.49174, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(10, 10)[1] == 1.0
+
+
+@pytest.mark.parametrize(
+    "precision, divergent_rate, pays",
+    [
+        (0.407, 0.268, False),  # the shipped SmolLM2 head on validation: 55 of 135 rollbacks divergent
+        (0.90, 0.268, True),
+        (0.30, 0.30, False),  # no better than rolling back at random
+    ],
+)
+def test_rollback_pays_only_with_a_clear_margin_over_the_base_rate(precision, divergent_rate, pays):
+    from pdt_hf.training.calibration import rollback_pays
+
+    report = {"precision": precision, "rollback_rate": 135 / 276, "blocks": 276, "divergent_rate": divergent_rate}
+    decision = rollback_pays(report, min_precision_gain=0.1)
+    assert decision["pays"] is pays
+    assert decision["precision_low"] < precision
+    assert rollback_pays({**report, "rollback_rate": 0.0}, 0.0)["pays"] is False  # no rollbacks: nothing to gain

@@ -9,6 +9,10 @@ Design decisions:
   its score is below tau, so tau is chosen on the calibration split to best separate divergent blocks
   (``f1`` of the rollback decision, or ``youden``: recall minus false-rollback rate); ties keep the smaller tau.
 - Precision/recall are reported for the rollback decision against the measured divergence.
+- A rollback costs a block of decoding, so it must be worth acting on: :func:`rollback_pays` keeps the chosen tau
+  only when the rollback decision's precision beats the divergent base rate by a clear margin, judged by the
+  lower end of its 95% Wilson interval (``precision_low - base_rate >= calibration.min_precision_gain``).
+  Otherwise calibration writes tau = 0 (rollback off; the head is still scored) and says so in the summary.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .batch import TrainBatch
 from .losses import note_alignment_loss
 from .objective import PDTObjective, block_states, concat_notes
 
-__all__ = ["agreement_report", "choose_threshold", "evaluate_split"]
+__all__ = ["agreement_report", "choose_threshold", "evaluate_split", "rollback_pays", "wilson_interval"]
 
 VARIANTS = ("notes", "no_notes", "shuffled")
 
@@ -119,3 +123,32 @@ def choose_threshold(scores: torch.Tensor, agree: torch.Tensor, objective: str =
         if value > best + 1e-12:
             best, best_tau = value, tau
     return float(min(max(best_tau, 0.0), 1.0))
+
+
+def wilson_interval(successes: float, trials: float, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``successes / trials`` (``(0, 1)`` for no trials)."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * ((p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rollback_pays(report: dict[str, float], min_precision_gain: float) -> dict[str, float | bool]:
+    """Whether the rollback decision of ``report`` (from :func:`agreement_report`) is worth acting on.
+
+    Returns ``{"pays", "precision", "precision_low", "base_rate", "gain_low", "min_precision_gain"}``; ``pays``
+    is ``precision_low - base_rate >= min_precision_gain`` (the decision must beat rolling back at random).
+    """
+    rolled = report["rollback_rate"] * report["blocks"]
+    low, _ = wilson_interval(report["precision"] * rolled, rolled)
+    gain = low - report["divergent_rate"]
+    return {
+        "pays": bool(rolled > 0 and gain >= min_precision_gain),
+        "precision": report["precision"],
+        "precision_low": low,
+        "base_rate": report["divergent_rate"],
+        "gain_low": gain,
+        "min_precision_gain": min_precision_gain,
+    }

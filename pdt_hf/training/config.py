@@ -130,8 +130,17 @@ class CalibrationConfig:
             "'youden' (best recall minus false-rollback rate)."
         },
     )
+    min_precision_gain: float = field(
+        default=0.1,
+        metadata={
+            "help": "Keep the chosen tau only if the lower 95% bound of the rollback decision's precision beats "
+            "the divergent base rate by this much; otherwise write tau = 0 (rollback off)."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_precision_gain <= 1.0:
+            raise ValueError(f"calibration.min_precision_gain must be in [0, 1], got {self.min_precision_gain!r}.")
         for split in [self.split, *self.report_splits]:
             if split not in SPLITS:
                 raise ValueError(f"calibration split {split!r} is unknown; splits are {list(SPLITS)}.")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import atomic_write
 from ..trunk.compat import enable_checkpointing
 from .batch import collate
-from .calibration import agreement_report, choose_threshold, evaluate_split
+from .calibration import agreement_report, choose_threshold, evaluate_split, rollback_pays
 from .checkpointing import TrainerState, latest_checkpoint, load_checkpoint, rng_tensors, save_checkpoint
 from .config import RecipeConfig
 from .curriculum import StageConfig, set_trainable
@@ -263,9 +263,16 @@ def _finish(recipe, objective, model, manifest, make_batch, logger, start, world
     with model.disable_sidecars():  # reference: the bare trunk reading its own stream prompt
         bare = evaluate_split(objective, [data[i] for i in range(count)], make_batch)
     reports[cal.split]["kd_bare_trunk"], reports[cal.split]["lm_bare_trunk"] = bare["kd_notes"], bare["lm_notes"]
-    tau = choose_threshold(
-        reports[cal.split]["agreement_scores"], reports[cal.split]["agreement_labels"], cal.objective
-    )
+    cal_scores, cal_labels = reports[cal.split]["agreement_scores"], reports[cal.split]["agreement_labels"]
+    chosen = choose_threshold(cal_scores, cal_labels, cal.objective)
+    decision = rollback_pays(agreement_report(cal_scores, cal_labels, chosen), cal.min_precision_gain)
+    tau = chosen if decision["pays"] else 0.0
+    if not decision["pays"]:
+        print(
+            f"calibration: the agreement head's rollbacks do not pay on {cal.split} (precision lower bound "
+            f"{decision['precision_low']:.3f} vs divergent base rate {decision['base_rate']:.3f}, needed a gain of "
+            f"{cal.min_precision_gain}); writing agreement_threshold = 0 (rollback off) instead of {chosen:.3f}."
+        )
     model.pdt_config.agreement_threshold = tau
     model.save_pretrained(os.path.join(loop.output_dir, "sidecar"))
     evaluation = {}
@@ -281,6 +288,7 @@ def _finish(recipe, objective, model, manifest, make_batch, logger, start, world
         "world_size": world,
         "sidecar_sha256_per_rank": digests,
         "agreement_threshold": tau,
+        "rollback_decision": {**decision, "chosen_tau": chosen},
         "evaluation": evaluation,
         "train_examples": len(manifest["splits"]["train"]["prompt_ids"]),
         "steps": {s.name: s.steps for s in recipe.stages},

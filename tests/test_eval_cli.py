@@ -12,7 +12,7 @@ from conftest import tiny_tokenizer, tiny_trunk
 
 from pdt_hf import PDTConfig, PDTForCausalLM
 from pdt_hf.cli import main
-from pdt_hf.evaluation.baselines import EVAL_METHODS, MethodRun, run_method, serial_message
+from pdt_hf.evaluation.baselines import EVAL_METHODS, PDT_METHODS, MethodRun, run_method, serial_message
 from pdt_hf.evaluation.evaluate import METRICS, QUALITY, assemble_ids, evaluate, token_nlls
 from pdt_hf.evaluation.metrics import serial_fidelity
 from pdt_hf.evaluation.prompt_sets import load_eval_items, pad_plan
@@ -252,7 +252,7 @@ def test_pdt_eval_writes_json_markdown_and_plots(tiny_dir, tmp_path) -> None:
             assert stat["low"] <= stat["mean"] <= stat["high"] and stat["n"] == 2
     assert "coverage_head" in result["summary"]["pdt"] and "coverage_head" not in result["summary"]["sot"]
     assert set(result["paired_vs_pdt"]) == set(EVAL_METHODS) - {"pdt"}
-    assert set(result["calibration"]) == {"pdt", "pdt-notes-zero", "pdt-notes-shuffle", "pdt-no-rollback"}
+    assert set(result["calibration"]) == set(PDT_METHODS)
 
     for prompt in result["prompts"]:
         rows = prompt["methods"]

@@ -18,6 +18,10 @@ method              what runs
                     re-prefilled with the siblings' committed text of rounds <= r - Δ
                     (``generation.text_bus``); greedy. The training-free upper reference for what notes could
                     carry, and a Hogwild!-style baseline; its telemetry reports the re-prefilled tokens per round
+``pdt-select``      PDT with stream selection (``generation.select``) from M = 2K candidates: the item's K plan
+                    titles followed by K generic titles (``prompt_sets.pad_plan``), the K kept ones in candidate
+                    order; ``MethodRun.plan`` is the kept plan, which the metrics then use. Keeping the K given
+                    items reproduces ``pdt`` exactly (greedy), so the paired difference isolates the swaps
 ==================  =========================================================================================
 
 The serial reference is the serial teacher rather than one ``generate`` call cut by headings afterwards: the
@@ -41,9 +45,11 @@ from ..training.data.teacher import Teacher
 
 __all__ = [
     "EVAL_METHODS",
+    "PDT_METHODS",
     "PDT_VARIANTS",
     "MethodRun",
     "run_method",
+    "run_select",
     "run_serial",
     "run_text_bus",
     "serial_message",
@@ -57,7 +63,9 @@ PDT_VARIANTS: dict[str, dict[str, Any]] = {
     "pdt-notes-shuffle": {"use_notes": True, "rollback": True, "note_ablation": "shuffle"},
     "pdt-no-rollback": {"use_notes": True, "rollback": False},
 }
-EVAL_METHODS = ("serial", "sot", *PDT_VARIANTS, "pdt-text-bus")
+EVAL_METHODS = ("serial", "sot", *PDT_VARIANTS, "pdt-text-bus", "pdt-select")
+PDT_METHODS = (*PDT_VARIANTS, "pdt-select")
+"""Methods that decode with the sidecar (coverage head, agreement calibration)."""
 
 
 @dataclass
@@ -68,7 +76,8 @@ class MethodRun:
     kept); ``tokens``: new tokens kept, special tokens excluded; ``decoded``: tokens decoded including
     rolled-back ones; ``telemetry``: ``Telemetry.to_dict()`` for multi-stream methods; ``finish_reasons``: per
     section ``eos`` (ended at end of turn) or ``length`` (hit its budget); ``contexts``: serial only, the
-    context ids each section was written after.
+    context ids each section was written after; ``plan``: the plan the method chose itself (``pdt-select``),
+    None when it wrote the item's plan.
     """
 
     method: str
@@ -80,6 +89,7 @@ class MethodRun:
     telemetry: dict[str, Any] | None = None
     finish_reasons: list[str] = field(default_factory=list)
     contexts: list[list[int]] | None = None
+    plan: list[str] | None = None
 
 
 def serial_message(prompt: str, plan: Sequence[str]) -> str:
@@ -205,12 +215,52 @@ def run_text_bus(model, prompt: str, plan: Sequence[str], max_new_tokens: int) -
     )
 
 
+@torch.no_grad()
+def run_select(model, prompt: str, plan: Sequence[str], max_new_tokens: int, seed: int = 0) -> MethodRun:
+    """``pdt-select``: PDT keeping K of 2K candidates (the K plan items, then K generic titles; module docstring).
+
+    Telemetry ``selection`` holds every candidate's scores and why it was kept or dropped.
+    """
+    from .prompt_sets import pad_plan
+
+    k = len(plan)
+    candidates, _ = pad_plan(prompt, plan, 2 * k)
+    start = time.perf_counter()
+    out = model.generate(
+        prompt=prompt,
+        plan=candidates,
+        num_streams=k,
+        plan_candidates=len(candidates),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        seed=seed,
+        **PDT_VARIANTS["pdt"],
+    )
+    seconds = time.perf_counter() - start
+    eos = set(_eos_ids(model))
+    ids = [list(seq) for seq in out.sequences]
+    telemetry = out.telemetry.to_dict()
+    return MethodRun(
+        "pdt-select",
+        list(out.texts),
+        tokens=sum(len([t for t in seq if t not in eos]) for seq in ids),
+        decoded=telemetry["decoded_tokens"],
+        seconds=seconds,
+        section_ids=ids,
+        telemetry=telemetry,
+        finish_reasons=list(out.finish_reasons),
+        plan=list(out.plan),
+    )
+
+
 def run_method(model, method: str, prompt: str, plan: Sequence[str], max_new_tokens: int, seed: int = 0) -> MethodRun:
     """Run one of ``EVAL_METHODS``; ``max_new_tokens`` is per stream (serial: per section)."""
     if method == "serial":
         return run_serial(model, prompt, plan, max_new_tokens, seed)
     if method == "pdt-text-bus":
         return run_text_bus(model, prompt, plan, max_new_tokens)
+    if method == "pdt-select":
+        return run_select(model, prompt, plan, max_new_tokens, seed)
     if method not in EVAL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(EVAL_METHODS)}.")
     return run_streams(model, method, prompt, plan, max_new_tokens, seed)

@@ -7,6 +7,8 @@ Design decisions:
   template; ``baselines.serial_message``) and the answer is ``## item\\n`` + section + blank line, in plan
   order. Every method's sections enter as its own token ids (trailing special tokens dropped). Fidelity is
   ``metrics.serial_fidelity_batch`` over these ids under the bare trunk.
+- A method that chooses its own plan (``pdt-select``, ``MethodRun.plan``) is assembled, contextualised and
+  scored for coverage against the plan it kept; its row records that plan under ``plan``.
 - An answer with an *empty* section (``metrics.empty_sections``: no text once special tokens and whitespace
   are stripped) is not scored: its row lists ``empty_sections`` and its quality metrics (``QUALITY``) are
   ``None``, so none of them can be won by writing nothing. ``tokens``, ``seconds`` and ``rollback_rate``
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..generation.prompts import render_ids
-from .baselines import EVAL_METHODS, PDT_VARIANTS, MethodRun, run_method, serial_message
+from .baselines import EVAL_METHODS, PDT_METHODS, MethodRun, run_method, serial_message
 from .metrics import calibration, coverage_text, empty_sections, redundancy, rollback_rate, serial_fidelity_batch
 from .prompt_sets import EvalItem
 from .stats import bootstrap_ci, paired_difference
@@ -180,9 +182,11 @@ def _row(run: MethodRun, plan: Sequence[str], fidelity: float, encoder, empty: l
         sections=run.sections,
         finish_reasons=run.finish_reasons,
     )
+    if run.plan is not None:
+        row["plan"] = run.plan
     if telemetry is not None:
         row["rollback_rate"] = rollback_rate(telemetry["rolled_back_tokens"], max(1, telemetry["decoded_tokens"]))
-        if run.method in PDT_VARIANTS and telemetry["coverage"] and not empty:
+        if run.method in PDT_METHODS and telemetry["coverage"] and not empty:
             row["coverage_head"] = float(np.mean([c >= 0.5 for c in telemetry["coverage"]]))
     return row
 
@@ -255,21 +259,22 @@ def evaluate(
             bar.set_postfix_str(f"prompt {index + 1}/{len(items)} {method}")
             runs[method] = run_method(model, method, item.prompt, item.plan, max_new_tokens, seed=seed)
             bar.update()
-        context = render_ids(tok, serial_message(item.prompt, item.plan))
-        assembled = {m: assemble_ids(tok, item.plan, _section_ids(tok, run, special)) for m, run in runs.items()}
+        plans = {m: run.plan or item.plan for m, run in runs.items()}  # pdt-select writes the plan it kept
+        contexts = {m: render_ids(tok, serial_message(item.prompt, plans[m])) for m in runs}
+        assembled = {m: assemble_ids(tok, plans[m], _section_ids(tok, run, special)) for m, run in runs.items()}
         with model.disable_sidecars():
             fidelity = serial_fidelity_batch(
-                model.trunk, None, [context] * len(runs), [a[0] for a in assembled.values()]
+                model.trunk, None, list(contexts.values()), [a[0] for a in assembled.values()]
             )
             for method, run in runs.items():
-                if method == "serial" or method in PDT_VARIANTS:
-                    nlls = token_nlls(model.trunk, context, assembled[method][0])
+                if method == "serial" or method in PDT_METHODS:
+                    nlls = token_nlls(model.trunk, contexts[method], assembled[method][0])
                     if method == "serial":
                         serial_blocks += _serial_blocks(assembled[method][1], nlls, block_size)
                     else:
                         blocks += _blocks(run, assembled[method][1], nlls, index)
         rows = {
-            m: _row(run, item.plan, f, encoder, empty_sections(run.sections, tok.all_special_tokens))
+            m: _row(run, plans[m], f, encoder, empty_sections(run.sections, tok.all_special_tokens))
             for (m, run), f in zip(runs.items(), fidelity)
         }
         prompts.append({"prompt": item.prompt, "plan": item.plan, "plan_source": item.plan_source, "methods": rows})
@@ -283,7 +288,7 @@ def evaluate(
     for block in blocks:
         block["label"] = None if block["nll"] is None else int(block["nll"] <= threshold)
     tau = float(model.pdt_config.agreement_threshold)
-    calib = {m: _calibration([b for b in blocks if b["method"] == m], tau, seed) for m in methods if m in PDT_VARIANTS}
+    calib = {m: _calibration([b for b in blocks if b["method"] == m], tau, seed) for m in methods if m in PDT_METHODS}
     summary, paired = _summaries(prompts, methods, seed)
     flagged = {m: [i for i, p in enumerate(prompts) if p["methods"][m]["empty_sections"]] for m in methods}
     excluded = {m: {"excluded": len(v), "of": len(prompts), "prompts": v} for m, v in flagged.items()}

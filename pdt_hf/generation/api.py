@@ -26,9 +26,17 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingC
 
 from .decode import DecodeSettings, MultiStreamDecoder
 from .output import MultiStreamOutput
-from .plan import SKELETON_MAX_NEW_TOKENS, normalise_plan, skeleton_plan, skeleton_prompt_ids, streams_for_plan
+from .plan import (
+    check_candidates,
+    normalise_plan,
+    skeleton_max_new_tokens,
+    skeleton_plan,
+    skeleton_prompt_ids,
+    streams_for_plan,
+)
 from .prompts import render_ids, split_stream_prompts, stream_message
 from .sampling import SamplingSettings, TokenChooser
+from .select import scoring_rows, select_plan
 from .streamer import MultiStreamStreamer
 
 logger = logging.getLogger(__name__)
@@ -87,6 +95,7 @@ def multi_stream_generate(
     tokenizer: PreTrainedTokenizerBase | None = None,
     num_streams: int | None = None,
     plan: Sequence[str] | str | None = None,
+    plan_candidates: int | None = None,
     block_size: int | None = None,
     commit_horizon: int | None = None,
     note_lag: int | None = None,
@@ -121,6 +130,12 @@ def multi_stream_generate(
     sidecar's ``num_streams`` and the trunk is asked for K sections; a shorter outline is used as it is only
     when ``num_streams`` was not given. K may not exceed the sidecar's ``num_streams`` (one adapter per stream).
 
+    Stream selection (``plan_candidates=M``, ``generation.select``): the plan is a pool of M >= K candidates,
+    the caller's ``plan`` of exactly M items or an outline of M items from the skeleton pass; K is
+    ``num_streams`` or the sidecar's, and the K best non-redundant candidates (scored by the bare trunk) become
+    the streams, in candidate order. ``output.plan`` is the kept plan; telemetry ``selection`` records every
+    candidate with its score and why it was kept or dropped.
+
     Raises :class:`PromptTooLongError` before any compute when the longest stream prompt (shared prefix +
     its suffix) plus ``max_new_tokens``, or the skeleton pass's prompt plus its outline tokens, exceeds the
     trunk's ``max_position_embeddings``. A sliding window does not lower that bound: it limits which keys a
@@ -140,6 +155,8 @@ def multi_stream_generate(
         raise ValueError("the prompt is empty; give the request to answer, e.g. prompt='Explain how tides work.'")
     if num_streams is not None:
         _check_positive("num_streams", num_streams, f"; this sidecar runs 1 to {cfg.num_streams} streams")
+    if plan_candidates is not None:
+        _check_positive("plan_candidates", plan_candidates, "; the pool size M, at least num_streams (e.g. 2 K)")
     settings = DecodeSettings(
         num_streams=num_streams if num_streams is not None else cfg.num_streams,
         block_size=block_size if block_size is not None else cfg.block_size,
@@ -181,25 +198,36 @@ def multi_stream_generate(
     limit = context_limit(model.trunk.config)
     if plan is not None:
         plan = normalise_plan(plan)
-        settings.num_streams = streams_for_plan(plan, num_streams)
-    what = "num_streams=" if num_streams is not None else "a plan of length "
+        if plan_candidates is None:
+            settings.num_streams = streams_for_plan(plan, num_streams)
+    if plan_candidates is not None:
+        check_candidates(plan_candidates, settings.num_streams, plan)
+    what = "num_streams=" if num_streams is not None or plan_candidates is not None else "a plan of length "
     settings.num_streams = _streams_within_sidecar(settings.num_streams, cfg.num_streams, what)
     _check_note_capacity(settings.num_streams, max_new_tokens, settings.block_size, cfg.note_capacity)
+    selection, source = None, "plan"
     if plan is None:
+        source, outline_items = "outline", plan_candidates if plan_candidates is not None else settings.num_streams
         if limit is not None:  # every stream prompt holds the whole request: a lower bound before the outline
             shortest = len(render_ids(tokenizer, stream_message(prompt, [], "")))
             check_fits(limit, shortest, max_new_tokens, "every stream", _stream_fix(limit, shortest, max_new_tokens))
-            outline = len(skeleton_prompt_ids(tokenizer, prompt, settings.num_streams))
+            outline = len(skeleton_prompt_ids(tokenizer, prompt, outline_items))
             check_fits(
                 limit,
                 outline,
-                SKELETON_MAX_NEW_TOKENS,
+                skeleton_max_new_tokens(outline_items),
                 "the outline (skeleton) pass",
                 "shorten the prompt, or pass plan=[...] (--plan) to skip the outline pass",
             )
-        plan = normalise_plan(skeleton_plan(model.trunk, tokenizer, prompt, settings.num_streams))
+        plan = normalise_plan(
+            skeleton_plan(model.trunk, tokenizer, prompt, outline_items, skeleton_max_new_tokens(outline_items))
+        )
         logger.info("plan written by the trunk: %s", plan)
-        settings.num_streams = streams_for_plan(plan, num_streams, written_by_trunk=True)
+        if plan_candidates is None or len(plan) < settings.num_streams:
+            settings.num_streams = streams_for_plan(plan, num_streams, written_by_trunk=True)
+    if plan_candidates is not None:
+        selection = _select(model, tokenizer, prompt, plan, settings.num_streams, limit, source)
+        plan = selection.plan
 
     stream_prompts = [render_ids(tokenizer, stream_message(prompt, plan, item)) for item in plan]
     prefix, suffixes = split_stream_prompts(stream_prompts)
@@ -224,7 +252,26 @@ def multi_stream_generate(
     )
     output = decoder.run(plan, stream_prompts, prefix, suffixes)
     output.bus = decoder.bus
+    if selection is not None:
+        output.telemetry.selection = selection.to_dict()
+        output.telemetry.timings["select"] = selection.seconds
     return output
+
+
+def _select(model, tokenizer, prompt: str, candidates: list[str], k: int, limit: int | None, source: str):
+    """Stream selection (``generation.select``), after checking that its scoring rows fit the trunk's context."""
+    if limit is not None:
+        request, _, items = scoring_rows(tokenizer, prompt, candidates, k)
+        check_fits(
+            limit,
+            len(request),
+            max(len(x) for x in items),
+            "scoring the plan candidates (outline request + longest candidate)",
+            "shorten the prompt or the longest candidate",
+        )
+    selection = select_plan(model.trunk, tokenizer, prompt, candidates, k, source=source)
+    logger.info("stream selection kept %s of %s", selection.plan, candidates)
+    return selection
 
 
 def _check_note_capacity(k: int, max_new_tokens: int, block_size: int, capacity: int) -> None:
@@ -257,6 +304,7 @@ def custom_generate(
     plan: Sequence[str] | str | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     streamer: MultiStreamStreamer | None = None,
+    plan_candidates: int | None = None,
     **model_kwargs: object,
 ) -> MultiStreamOutput:
     """``trunk.generate(**inputs, custom_generate=custom_generate, num_streams=3, plan=[...], tokenizer=tok)``.
@@ -274,6 +322,7 @@ def custom_generate(
         tokenizer=tokenizer,
         num_streams=num_streams,
         plan=plan,
+        plan_candidates=plan_candidates,
         max_new_tokens=generation_config.max_new_tokens or 128,
         do_sample=bool(generation_config.do_sample),
         logits_processor=logits_processor,

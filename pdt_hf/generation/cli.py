@@ -129,7 +129,7 @@ def check_json_path(path: str) -> None:
 
 def check_arguments(args: argparse.Namespace) -> list[str] | None:
     """Everything checkable before the trunk loads; returns the normalised plan (None: the trunk outlines)."""
-    from .plan import normalise_plan, streams_for_plan
+    from .plan import check_candidates, normalise_plan, streams_for_plan
 
     if not args.prompt.strip():
         raise ValueError(
@@ -138,7 +138,17 @@ def check_arguments(args: argparse.Namespace) -> list[str] | None:
     plan = None
     if args.plan is not None:
         plan = normalise_plan(args.plan)
-        streams_for_plan(plan, args.streams, streams_name="--streams", plan_name="--plan")
+        if args.candidates is None:
+            streams_for_plan(plan, args.streams, streams_name="--streams", plan_name="--plan")
+    if args.candidates is not None:
+        check_candidates(
+            args.candidates,
+            args.streams,
+            plan,
+            candidates_name="--candidates",
+            streams_name="--streams",
+            plan_name="--plan",
+        )
     if args.sidecar is not None:
         check_sidecar_dir(args.sidecar)
     if args.json is not None:
@@ -180,13 +190,14 @@ def _run_generate(args: argparse.Namespace) -> int:
         f"({100 * model.sidecar_budget()['share']:.2f}% of the trunk)"
     )
     with Live(console=console, refresh_per_second=8, transient=False) as live:
-        view = LivePanels(plan, live)
+        view = LivePanels(plan if args.candidates is None else None, live)  # selected titles are known later
         live.update(view.render())
         try:
             output = model.generate(
                 prompt=args.prompt,
                 plan=plan,
                 num_streams=args.streams,
+                plan_candidates=args.candidates,
                 block_size=args.block_size,
                 max_new_tokens=args.max_new_tokens,
                 do_sample=args.temperature > 0,
@@ -200,6 +211,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     t, plan = output.telemetry, output.plan
     if args.plan is None:
         console.print(f"plan written by the trunk ({len(plan)} sections): {'; '.join(plan)}")
+    if t.selection is not None:
+        dropped = [f"{c['item']} ({c['reason']})" for c in t.selection["candidates"] if not c["kept"]]
+        console.print(
+            f"selected {len(plan)} of {t.selection['num_candidates']} candidates: {'; '.join(plan)}; "
+            f"dropped: {'; '.join(dropped) or 'none'}"
+        )
     if t.interrupted:
         console.print("[yellow]Interrupted: showing what was committed so far.[/yellow]")
     console.rule("answer")
@@ -255,6 +272,13 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help='section prompts separated by ";", one stream each, no empty items (default: the trunk writes an '
         "outline of --streams sections first)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=positive_int,
+        default=None,
+        help="M, stream selection: score M >= K candidate sections (--plan of M items, or an outline of M by the "
+        "trunk) and decode the K best non-redundant ones (default: no selection)",
     )
     p.add_argument(
         "--model",

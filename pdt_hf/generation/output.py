@@ -25,6 +25,9 @@ class Telemetry:
     decoded_tokens: int = 0
     rolled_back_tokens: int = 0
     interrupted: bool = False
+    selection: dict[str, Any] | None = None
+    """Stream selection (``plan_candidates``): every candidate with its scores and why it was kept or dropped
+    (``generation.select.Selection.to_dict``); None without selection."""
 
     @property
     def rollback_rate(self) -> float:
@@ -41,6 +44,7 @@ class Telemetry:
             "rolled_back_tokens": self.rolled_back_tokens,
             "rollback_rate": self.rollback_rate,
             "interrupted": self.interrupted,
+            "selection": self.selection,
         }
 
 

@@ -11,6 +11,11 @@ a plan the caller gives sets K = its length when ``num_streams`` is not given;
 when both are given they must agree, so no item is ever dropped and no stream
 runs without an item. A skeleton pass asks for K items; an outline with fewer
 is accepted (K = its length) only when the caller left ``num_streams`` unset.
+
+With ``plan_candidates=M`` (stream selection, ``generation.select``) the plan is a pool of M >= K candidates
+(:func:`check_candidates`): the caller's list must hold exactly M items, and K comes from ``num_streams`` (or
+the sidecar), not from the list; without a list the skeleton pass is asked for M items, and an outline of
+fewer than M but at least K is selected from as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ SKELETON_INSTRUCTION = (
 
 SKELETON_MAX_NEW_TOKENS = 96
 """Tokens the trunk may write for the outline in the skeleton pass."""
+
+
+def skeleton_max_new_tokens(num_items: int) -> int:
+    """Outline budget for ``num_items`` titles: :data:`SKELETON_MAX_NEW_TOKENS`, or 16 a title beyond six."""
+    return max(SKELETON_MAX_NEW_TOKENS, 16 * num_items)
+
 
 _ITEM = re.compile(r"^\s*(?:(?:step|section|part)\s*\d+\s*[:.)-]|\(?\d+[.)\]:]|[-*•+])\s*(?P<text>.+?)\s*$", re.I)
 
@@ -106,6 +117,34 @@ def streams_for_plan(
         f"{streams_name}={num_streams} is below the plan length ({len(plan)} items{source}: {list(plan)}): "
         f"the last {len(plan) - num_streams} items would be dropped; {fix}."
     )
+
+
+def check_candidates(
+    plan_candidates: int,
+    num_streams: int | None,
+    plan: Sequence[str] | None,
+    *,
+    candidates_name: str = "plan_candidates",
+    streams_name: str = "num_streams",
+    plan_name: str = "plan",
+) -> None:
+    """Refuse a candidate pool that cannot give K streams: M < K, or a ``plan`` whose length is not M.
+
+    ``num_streams`` None skips the K check (the CLI before the sidecar's K is known). :class:`PlanError` names
+    the values and the fix; the ``*_name`` arguments let the CLI name its flags.
+    """
+    if num_streams is not None and plan_candidates < num_streams:
+        raise PlanError(
+            f"{candidates_name}={plan_candidates} is below {streams_name}={num_streams}: selection keeps K of M "
+            f"candidates, so M must be at least K; raise {candidates_name} (e.g. {2 * num_streams}) or lower "
+            f"{streams_name}."
+        )
+    if plan is not None and len(plan) != plan_candidates:
+        raise PlanError(
+            f"{plan_name} has {len(plan)} items but {candidates_name}={plan_candidates}: with selection the "
+            f"{plan_name} is the pool of candidates; give {plan_candidates} items, or set {candidates_name}="
+            f"{len(plan)}."
+        )
 
 
 def skeleton_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, num_streams: int) -> list[int]:

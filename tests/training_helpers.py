@@ -51,10 +51,28 @@ def save_tiny_trunk(directory: str, seed: int = 0) -> str:
     return directory
 
 
+# The tiny recipe's prompts: the first 361 lines of the shipped prompts.txt, which tests/test_prompts_resource.py
+# pins by checksum, so the tiny data set (and the pinned losses) do not move when the shipped file grows.
+TINY_PROMPT_LINES = 361
+
+
+def tiny_prompts(root: str) -> str:
+    """Write the tiny recipe's prompt file under ``root`` (once) and return its path."""
+    path = os.path.join(root, "tiny-prompts.txt")
+    if not os.path.exists(path):
+        shipped = os.path.join(REPO, "pdt_hf", "resources", "prompts.txt")
+        with open(shipped, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()[:TINY_PROMPT_LINES]
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+    return path
+
+
 def tiny_overrides(root: str, trunk_dir: str) -> list[str]:
-    """Overrides pointing the tiny recipe at ``trunk_dir`` and at data/output dirs under ``root``."""
+    """Overrides pointing the tiny recipe at ``trunk_dir``, its fixed prompts, and data/output dirs under ``root``."""
     return [
         f"model.name_or_path={trunk_dir}",
+        f"data.build.source={tiny_prompts(root)}",
         f"data.path={os.path.join(root, 'data')}",
         f"train.output_dir={os.path.join(root, 'run')}",
     ]

@@ -191,3 +191,41 @@ def test_pdt_select_eval_method_is_pdt_on_the_kept_plan() -> None:
     assert selection["num_candidates"] == 6 and [c["item"] for c in selection["candidates"]][:3] == plan
     assert run.plan == selection["plan"] and len(run.plan) == 3
     assert run.section_ids == run_method(model, "pdt", PROMPT, run.plan, 8).section_ids
+
+
+class _WordEncoder:
+    """Bag-of-words sentence encoder (enough for the redundancy metric on fixed text)."""
+
+    def encode(self, sentences: list[str]):
+        import numpy as np
+
+        vocab: dict[str, int] = {}
+        rows = [[vocab.setdefault(w, len(vocab)) for w in s.lower().split()] for s in sentences]
+        out = np.zeros((len(sentences), max(1, len(vocab))))
+        for i, row in enumerate(rows):
+            out[i, row] = 1.0
+        return out
+
+
+def test_pdt_eval_scores_pdt_select_against_the_plan_it_kept(monkeypatch) -> None:
+    from pdt_hf.evaluation import evaluate as evaluate_module
+    from pdt_hf.evaluation.prompt_sets import EvalItem
+
+    model = _model()
+    plan = ["Water", "Leaves", "Serving"]
+    seen: dict[str, list[str]] = {}
+    real_coverage = evaluate_module.coverage_text
+
+    def coverage(sections, items):
+        seen[tuple(sections)] = list(items)
+        return real_coverage(sections, items)
+
+    monkeypatch.setattr(evaluate_module, "coverage_text", coverage)
+    result = evaluate_module.evaluate(
+        model, [EvalItem(PROMPT, plan)], 8, _WordEncoder(), methods=("pdt", "pdt-select"), progress=False
+    )
+    row = result["prompts"][0]["methods"]["pdt-select"]
+    assert row["plan"] == row["selection"]["plan"] and len(row["plan"]) == 3
+    assert [c["item"] for c in row["selection"]["candidates"]][:3] == plan
+    assert seen[tuple(row["sections"])] == row["plan"]  # coverage is judged against the kept plan
+    assert "pdt-select" in result["calibration"] and "coverage_text" in result["paired_vs_pdt"]["pdt-select"]

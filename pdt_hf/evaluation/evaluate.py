@@ -8,7 +8,8 @@ Design decisions:
   order. Every method's sections enter as its own token ids (trailing special tokens dropped). Fidelity is
   ``metrics.serial_fidelity_batch`` over these ids under the bare trunk.
 - A method that chooses its own plan (``pdt-select``, ``MethodRun.plan``) is assembled, contextualised and
-  scored for coverage against the plan it kept; its row records that plan under ``plan``.
+  scored for coverage against the plan it kept; its row records that plan under ``plan`` and the selection
+  telemetry (every candidate, its scores, why it was kept or dropped) under ``selection``.
 - An answer with an *empty* section (``metrics.empty_sections``: no text once special tokens and whitespace
   are stripped) is not scored: its row lists ``empty_sections`` and its quality metrics (``QUALITY``) are
   ``None``, so none of them can be won by writing nothing. ``tokens``, ``seconds`` and ``rollback_rate``
@@ -184,6 +185,8 @@ def _row(run: MethodRun, plan: Sequence[str], fidelity: float, encoder, empty: l
     )
     if run.plan is not None:
         row["plan"] = run.plan
+    if telemetry is not None and telemetry.get("selection") is not None:
+        row["selection"] = telemetry["selection"]  # every candidate with its scores and why it was kept
     if telemetry is not None:
         row["rollback_rate"] = rollback_rate(telemetry["rolled_back_tokens"], max(1, telemetry["decoded_tokens"]))
         if run.method in PDT_METHODS and telemetry["coverage"] and not empty:

@@ -233,12 +233,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     console.rule("answer")
     for item, text in zip(plan, output.texts):
         console.print(f"[bold]{item}[/bold]\n{text}\n")
-    tokens = sum(len(s) for s in output.sequences)
-    seconds = t.timings.get("total", 0.0)
-    console.print(
-        f"{tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.1f} tokens/s), "
-        f"{len(t.rollbacks)} rollbacks ({t.rolled_back_tokens} tokens), {len(plan)} streams"
-    )
+    console.print(f"{t.summary()}, {len(plan)} streams")
     if args.json:
         record = {
             "prompt": args.prompt,

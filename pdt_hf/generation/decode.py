@@ -10,14 +10,21 @@ forward per token)::
 
 Design decisions:
 - The shared prompt prefix is prefilled once by the bare trunk; each stream's
-  suffix (its plan item) is prefilled with its sidecar, streams of equal
-  suffix length together. Planner notes from the suffix states are snapshot 0.
+  suffix (its plan item) is prefilled with its sidecar: all streams in one
+  right-padded forward whose padding is rolled back (fast path), or streams of
+  equal suffix length together (reference). Planner notes from the suffix
+  states are snapshot 0.
 - A rolled-back block is regenerated in the next round, so it reads the notes
   its siblings committed meanwhile; the first token is resampled from the
   logits saved at the block's start. After R rollbacks the block is accepted
   and flagged. Notes are published only on commit.
 - Finished streams leave the batch. Only committed text reaches the streamer.
 - The heads run once per judged block, not per token (``compute_heads=False``).
+- The per-token work of a block (token choice, note read, the batched forward) lives in ``step.StepRunner``:
+  a fast path by default, the reference inside ``step.reference_step()``. The fast path's stream cache uses
+  the static layout (no per-step concatenation) unless the cascade attention path serves the steps.
+- Telemetry counts committed and decoded tokens and times prefill, decode and total, so a caller gets
+  committed tokens/s, decoded tokens/s and the rollback share from ``MultiStreamOutput.telemetry``.
 """
 
 from __future__ import annotations
@@ -31,13 +38,13 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from ..bus import NoteBus
-from ..sidecars.context import PackedNotes
 from ..sidecars.heads.layer import masked_mean
 from ..stream_kv import StreamKVCache, stream_attention
-from ..trunk.architectures import base_model, text_config
+from ..trunk.architectures import base_model, text_config, trunk_logits
 from ..trunk.compat import cache_kwargs, output_cache
 from .output import MultiStreamOutput, Telemetry
 from .sampling import TokenChooser
+from .step import StepRunner, reference_step_active
 from .streamer import MultiStreamStreamer
 
 
@@ -140,8 +147,10 @@ class MultiStreamDecoder:
         self.eos = eos_token_ids or set()
         self.record_reads = record_reads
         self.device = next(model.trunk.parameters()).device
-        self.telemetry = Telemetry()
+        self.fast_step = not reference_step_active()
+        self.telemetry = Telemetry(step_path="fast" if self.fast_step else "reference")
         self.bus: NoteBus | None = None
+        self.steps: StepRunner | None = None
 
     # ------------------------------------------------------------------ setup
     @torch.no_grad()
@@ -156,7 +165,20 @@ class MultiStreamDecoder:
             input_ids=torch.tensor([prefix], device=self.device), use_cache=True, **cache_kwargs(DynamicCache())
         )
         capacity = max(len(x) for x in suffixes) + s.max_new_tokens + 1
-        cache = StreamKVCache.from_prefix(output_cache(prefix_out), k, capacity, commit_horizon=s.commit_horizon)
+        static = self.fast_step and not self.fast_attention()
+        cache = StreamKVCache.from_prefix(
+            output_cache(prefix_out), k, capacity, commit_horizon=s.commit_horizon, static=static
+        )
+        lengths = [len(x) for x in suffixes]
+        if self.fast_step and min(lengths) >= 1 and max(lengths) - min(lengths) <= s.commit_horizon:
+            logits, notes = self._prefill_suffixes_padded(cache, suffixes)
+        else:
+            logits, notes = self._prefill_suffixes_grouped(cache, suffixes)
+        return cache, logits, notes
+
+    def _prefill_suffixes_grouped(self, cache: StreamKVCache, suffixes: list[list[int]]):
+        """Reference: one forward per distinct suffix length. Returns next logits [K, V] and planner notes."""
+        model, k = self.model, len(suffixes)
         logits: list[torch.Tensor | None] = [None] * k
         notes: list[torch.Tensor | None] = [None] * k
         for length in sorted({len(x) for x in suffixes}):
@@ -169,7 +191,40 @@ class MultiStreamDecoder:
             planner = model.sidecar.heads.planner(out.hidden_states, None, streams)  # [G, d_note]
             for j, i in enumerate(group):
                 logits[i], notes[i] = out.logits[j, -1], planner[j]
-        return cache, torch.stack(logits), torch.stack(notes)
+        return torch.stack(logits), torch.stack(notes)
+
+    def _prefill_suffixes_padded(self, cache: StreamKVCache, suffixes: list[list[int]]):
+        """Fast: every suffix in one forward, right-padded to the longest; the padding is then rolled back.
+
+        Padding sits after each stream's real tokens, so causal attention keeps it out of them; a rollback of the
+        padded count (O(1), at most L tokens) leaves its K/V stale and masked. Logits are computed only at each
+        stream's last real token, not over the whole suffix. Returns next logits [K, V] and planner notes.
+        """
+        model, k = self.model, len(suffixes)
+        width = max(len(x) for x in suffixes)
+        lengths = torch.tensor([len(x) for x in suffixes], device=self.device)  # [K]
+        ids = torch.tensor([x + [x[-1]] * (width - len(x)) for x in suffixes], device=self.device)  # [K, width]
+        streams = torch.arange(k, device=self.device)
+        with cache.step(streams, width) as kw:
+            kw = trunk_step_masks(model.trunk.config, kw)
+            out = model(input_ids=ids, stream_ids=streams, cache=cache, compute_heads=False, logits_to_keep=1, **kw)
+        for i, x in enumerate(suffixes):
+            cache.rollback(i, width - len(x))
+        real = torch.arange(width, device=self.device)[None, :] < lengths[:, None]  # [K, width]
+        notes = model.sidecar.heads.planner(out.hidden_states, real, streams)  # [K, d_note]
+        last = out.hidden_states[streams, lengths - 1]  # [K, d], each stream's last real token
+        return trunk_logits(model.trunk, last[:, None])[:, 0], notes
+
+    def fast_attention(self) -> bool:
+        """Whether single-token steps take the cascade attention path (``DecodeSettings.fast_attention``)."""
+        if self.settings.fast_attention is not None:
+            return self.settings.fast_attention
+        config = self.model.trunk.config
+        return (
+            self.device.type == "cuda"
+            and sliding_window_of(config) is None
+            and getattr(text_config(config), "attn_logit_softcapping", None) is None
+        )
 
     def make_bus(self, planner_notes: torch.Tensor) -> NoteBus:
         s, cfg, sidecar = self.settings, self.model.pdt_config, self.model.sidecar
@@ -212,7 +267,7 @@ class MultiStreamDecoder:
             tail = self.tokenizer.decode((state.committed + state.block)[-64:])
             if any(stop in tail for stop in self.settings.stop_strings):
                 return "stop_string"
-        if self.chooser.should_stop(state.history(self.device), scores):
+        if self.chooser.settings.stopping_criteria and self.chooser.should_stop(state.history(self.device), scores):
             return "stopping_criteria"
         if len(state.committed) + len(state.block) >= self.settings.max_new_tokens:
             return "length"
@@ -226,40 +281,37 @@ class MultiStreamDecoder:
         for k in active:
             states[k].block, states[k].block_hidden, states[k].stop_reason = [], [], None
             states[k].block_start_logits = next_logits[k].clone()
-        for _ in range(self.settings.block_size):
-            rows = [k for k in active if states[k].stop_reason is None]
-            if not rows:
-                break
-            tokens = []
-            for k in rows:
-                token, scores = self.chooser.choose(states[k].history(self.device), next_logits[k])
-                states[k].block.append(token)
-                states[k].stop_reason = self._stop_reason(states[k], token, scores)
-                tokens.append(token)
-            streams = torch.tensor(rows, device=self.device)
-            notes = None
-            if self.settings.use_notes:
-                read = self.bus.read(streams, round)
-                notes = PackedNotes(self.bus, read.indices, read.offsets)
-                for i, k in enumerate(rows):
-                    states[k].notes_read += int(read.counts[i])
-            start = time.perf_counter()
-            with cache.step(streams, 1) as kw:
-                kw = trunk_step_masks(self.model.trunk.config, kw)
-                out = self.model(
-                    input_ids=torch.tensor(tokens, device=self.device)[:, None],
-                    stream_ids=streams,
-                    notes=notes,
-                    cache=cache,
-                    compute_heads=False,
-                    **kw,
-                )
-            self.telemetry.timings.setdefault("steps", []).append(time.perf_counter() - start)
-            self.telemetry.timings.setdefault("first_token", time.perf_counter() - self._t0)
+        self.steps.start_block()
+        with self.steps.hooks():
+            for _ in range(self.settings.block_size):
+                rows = [k for k in active if states[k].stop_reason is None]
+                if not rows:
+                    break
+                self.decode_step(states, rows, round, cache, next_logits)
+
+    def decode_step(
+        self, states: list[StreamState], rows: list[int], round: int, cache: StreamKVCache, next_logits: torch.Tensor
+    ) -> None:
+        """Choose one token per stream in ``rows``, run them in one batched forward, keep logits and hidden states."""
+        tokens, scores = self.steps.choose(rows, next_logits, lambda k: states[k].history(self.device))
+        for i, k in enumerate(rows):
+            states[k].block.append(tokens[i])
+            states[k].stop_reason = self._stop_reason(states[k], tokens[i], scores[i])
+        notes, counts = self.steps.notes(self.bus, rows, round)
+        for i, k in enumerate(rows):
+            states[k].notes_read += counts[i]
+        start = time.perf_counter()
+        out = self.steps.forward(rows, tokens, notes, cache, trunk_step_masks)
+        self.telemetry.timings.setdefault("steps", []).append(time.perf_counter() - start)
+        self.telemetry.timings.setdefault("first_token", time.perf_counter() - self._t0)
+        if rows == list(range(len(rows))):
+            next_logits[: len(rows)] = out.logits[:, -1]
+        else:
             next_logits[rows] = out.logits[:, -1].to(next_logits.dtype)
-            for i, k in enumerate(rows):
-                states[k].block_hidden.append(out.hidden_states[i, -1])
-            self.telemetry.decoded_tokens += len(rows)
+        hidden = out.hidden_states[:, -1]  # [A, d]
+        for i, k in enumerate(rows):
+            states[k].block_hidden.append(hidden[i])
+        self.telemetry.decoded_tokens += len(rows)
 
     @torch.no_grad()
     def judge(
@@ -289,14 +341,8 @@ class MultiStreamDecoder:
         cache, next_logits, planner_notes = self.prefill(prefix, suffixes)
         self.telemetry.timings["prefill"] = time.perf_counter() - self._t0
         self.bus = self.make_bus(planner_notes)
-        fast = s.fast_attention
-        if fast is None:
-            config = self.model.trunk.config
-            fast = (
-                self.device.type == "cuda"
-                and sliding_window_of(config) is None
-                and getattr(text_config(config), "attn_logit_softcapping", None) is None
-            )
+        self.steps = StepRunner(self.model, self.chooser, s.use_notes, fast=self.fast_step)
+        fast = self.fast_attention()
         round = 0
         try:
             with stream_attention(self.model.trunk, cache) if fast else nullcontext():
@@ -310,6 +356,8 @@ class MultiStreamDecoder:
             if self.streamer is not None:
                 self.streamer.on_end()
         self.telemetry.timings["total"] = time.perf_counter() - self._t0
+        self.telemetry.timings["decode"] = self.telemetry.timings["total"] - self.telemetry.timings["prefill"]
+        self.telemetry.committed_tokens = sum(len(st.committed) for st in states)
         self.telemetry.coverage = [st.coverage for st in states]
         self.telemetry.notes_read = [st.notes_read for st in states]
         texts = [

@@ -34,6 +34,7 @@ __all__ = [
     "StreamLengths",
     "StreamStep",
     "check_rollback",
+    "flat_write_index",
     "step_positions",
     "step_visibility",
     "visibility_to_mask",
@@ -48,6 +49,20 @@ class StreamKVFullError(RuntimeError):
 def write_slots(lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Suffix slots the new tokens go to: ``lengths[:, None] + arange(T)``, int64 [A, T]."""
     return lengths.long()[:, None] + torch.arange(num_tokens, device=lengths.device)[None, :]
+
+
+def flat_write_index(streams: torch.Tensor, slots: torch.Tensor, heads: int, total: int, offset: int) -> torch.Tensor:
+    """Rows of a contiguous [K, Hkv, S_tot, D] storage viewed as [K * Hkv * S_tot, D] that a step writes, int64.
+
+    Entry (a, h, t) is ``(streams[a] * Hkv + h) * S_tot + offset + slots[a, t]``, flattened in the order of the
+    step's K/V ``[A, Hkv, T, D]``, so one ``index_copy_`` writes every stream's new tokens; ``offset`` is P when the
+    storage holds the prefix first (static layout), else 0. Streams [2, 0], slots [[1], [3]], Hkv 2, S_tot 5::
+
+        stream 2: rows (2*2 + 0)*5 + 1 = 21, (2*2 + 1)*5 + 1 = 26;  stream 0: rows 3, 8   ->   [21, 26, 3, 8]
+    """
+    head = torch.arange(heads, device=slots.device)[None, :, None]  # [1, Hkv, 1]
+    base = (streams[:, None, None] * heads + head) * total + offset  # [A, Hkv, 1]
+    return (base + slots[:, None, :]).reshape(-1)  # [A * Hkv * T]
 
 
 def step_positions(prefix_len: int, lengths: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -141,31 +156,34 @@ class StreamLengths:
         """Validate a step of ``streams`` [A] by T tokens and compute its slots and positions (nothing changes)."""
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}.")
+        # Checks run on Python ints (one conversion each way): a decode step plans A <= K streams every token.
         ids = torch.as_tensor(streams).reshape(-1).long().cpu()  # [A]
-        if ids.numel() == 0:
+        rows = ids.tolist()
+        if not rows:
             raise ValueError("a step needs at least one stream; skip the forward when every stream is finished.")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.num_streams:
-            raise ValueError(f"streams {ids.tolist()} out of range for num_streams={self.num_streams}.")
-        if ids.unique().numel() != ids.numel():
-            raise ValueError(f"streams {ids.tolist()} has duplicates; each stream appears once per step.")
-        lengths = self.lengths[ids]  # [A]
-        over = lengths + num_tokens > self.capacity
-        if bool(over.any()):
-            k = int(ids[over][0])
-            raise StreamKVFullError(
-                f"stream {k} holds {int(self.lengths[k])} of suffix_capacity={self.capacity} tokens and cannot take "
-                f"{num_tokens} more; build the cache with a larger suffix_capacity "
-                f"(StreamKVCache.from_prefix(..., suffix_capacity={int(self.lengths[k]) + num_tokens}) or more)."
-            )
-        slots = write_slots(lengths, num_tokens)  # [A, T]
+        if min(rows) < 0 or max(rows) >= self.num_streams:
+            raise ValueError(f"streams {rows} out of range for num_streams={self.num_streams}.")
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"streams {rows} has duplicates; each stream appears once per step.")
+        every = self.lengths.tolist()
+        lengths = [every[k] for k in rows]
+        for k, held in zip(rows, lengths):
+            if held + num_tokens > self.capacity:
+                raise StreamKVFullError(
+                    f"stream {k} holds {held} of suffix_capacity={self.capacity} tokens and cannot take "
+                    f"{num_tokens} more; build the cache with a larger suffix_capacity "
+                    f"(StreamKVCache.from_prefix(..., suffix_capacity={held + num_tokens}) or more)."
+                )
+        lengths_t = torch.tensor(lengths, dtype=torch.long)  # [A]
+        slots = write_slots(lengths_t, num_tokens)  # [A, T]
         return StreamStep(
             streams=ids.to(device),
             num_tokens=num_tokens,
-            lengths=lengths.to(device),
+            lengths=lengths_t.to(device),
             slots=slots.to(device),
             positions=(self.prefix_len + slots).to(device),
-            suffix_width=int(lengths.max()) + num_tokens,
-            all_streams=ids.numel() == self.num_streams and bool((ids == torch.arange(self.num_streams)).all()),
+            suffix_width=max(lengths) + num_tokens,
+            all_streams=rows == list(range(self.num_streams)),
         )
 
     def advance(self, step: StreamStep) -> None:

@@ -6,11 +6,16 @@ handles: ``detach()`` removes every one, and using it as a context manager
 removes them in ``finally``. Decoder layers in transformers 5.x return a
 tensor; a tuple output (older layers, MoE router logits) keeps its tail; any
 other output is refused with :class:`UnsupportedTrunkError` on the first forward.
+
+The delta function is ``sidecar.layer_delta`` unless ``using(fn)`` swaps in
+another one for a block (the decode loop's one-token fast path); the hooks
+stay registered, so nothing is re-registered per step, and the swap is undone
+in ``finally``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -28,6 +33,7 @@ class SidecarHooks:
         self.sidecar = sidecar
         self.layer_indices = list(layer_indices)
         self._handles: list[RemovableHandle] = []
+        self._delta = None  # None: sidecar.layer_delta
 
     @property
     def attached(self) -> bool:
@@ -49,10 +55,11 @@ class SidecarHooks:
         sidecar = self.sidecar
 
         def hook(module: nn.Module, args: tuple, output: object) -> object:
+            delta = self._delta or sidecar.layer_delta
             if isinstance(output, torch.Tensor):
-                return sidecar.layer_delta(layer_idx, output)
+                return delta(layer_idx, output)
             if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-                return (sidecar.layer_delta(layer_idx, output[0]), *output[1:])
+                return (delta(layer_idx, output[0]), *output[1:])
             raise UnsupportedTrunkError(
                 f"decoder layer {layer_idx} ({type(module).__name__}) returned {type(output).__name__}, not a "
                 "hidden-state tensor or a tuple starting with one, so pdt-hf cannot add sidecar deltas to it; this "
@@ -60,6 +67,15 @@ class SidecarHooks:
             )
 
         return hook
+
+    @contextmanager
+    def using(self, layer_delta: Callable[[int, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Inside the block the hooks call ``layer_delta(layer_idx, hidden)`` instead of the sidecar's own."""
+        previous, self._delta = self._delta, layer_delta
+        try:
+            yield
+        finally:
+            self._delta = previous
 
     @contextmanager
     def detached(self) -> Iterator[None]:

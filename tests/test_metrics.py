@@ -30,7 +30,7 @@ from pdt_hf.evaluation.metrics import (
     step_cost_ratio,
     text_covered_items,
 )
-from pdt_hf.evaluation.stats import bootstrap_ci, paired_difference
+from pdt_hf.evaluation.stats import bootstrap_ci, paired_difference, ratio_ci
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "pdt_hf" / "resources" / "prompts.txt"
 
@@ -361,3 +361,14 @@ def test_prompts_file_is_large_unique_and_clean():
     assert len(set(normalized)) == len(lines)
     opening_words = Counter(line.split()[0] for line in lines)
     assert len(opening_words) >= 30 and opening_words.most_common(1)[0][1] < 0.25 * len(lines)
+
+
+def test_ratio_ci_is_a_ratio_of_sums_weighted_by_item_size():
+    share, low, high = ratio_ci([1.0, 0.0, 3.0], [2.0, 2.0, 4.0], seed=0)
+    assert share == pytest.approx(0.5)  # (1 + 0 + 3) / (2 + 2 + 4), not the mean of the item ratios (0.417)
+    assert low <= share <= high and low < high
+    assert ratio_ci([2.0, 4.0], [4.0, 8.0]) == pytest.approx((0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="one pair per item"):
+        ratio_ci([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="sums to 0"):
+        ratio_ci([1.0, 2.0], [0.0, 0.0])

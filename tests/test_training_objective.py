@@ -158,3 +158,34 @@ def test_full_rows_apply_no_sidecar_to_the_prefix(tiny):
         p = len(batch.prefix_ids[int(batch.example_index[row])])
         assert not mask[row, :p].any() and mask[row, p : p + batch.stream_input.shape[1]].all()
     assert dataclasses.is_dataclass(batch)
+
+
+@pytest.mark.parametrize("note_grad", [False, True])
+def test_note_grad_trains_the_notes_head_through_the_rows_that_read_its_notes(tiny, note_grad):
+    """With ``note_grad`` the KD of the reading rows reaches the notes head; without it, no gradient does."""
+    objective, pad_id = _objective(tiny[0], reuse=True)
+    sidecar = objective.sidecar
+    sidecar.requires_grad_(False)
+    sidecar.heads.notes.requires_grad_(True)
+    out = objective(_batch(tiny, pad_id), {"kd": 1.0}, notes_visible=True, note_grad=note_grad)
+    if not note_grad:
+        assert not out["loss"].requires_grad
+        return
+    out["loss"].backward()
+    grads = [p.grad for p in sidecar.heads.notes.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in objective.model.trunk.parameters())
+
+
+def test_gate_learning_rate_scales_only_the_snc_gates(tiny):
+    from pdt_hf.training.curriculum import param_groups, set_trainable
+
+    objective, _ = _objective(tiny[0], reuse=True)
+    sidecar = objective.sidecar
+    params = set_trainable(sidecar, ["snc", "heads.notes"])
+    groups = param_groups(sidecar, params, 1e-3, 10.0)
+    gates = {id(layer.gate) for layer in sidecar.snc_layers}
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    assert {id(p) for p in groups[1]["params"]} == gates
+    assert sum(len(g["params"]) for g in groups) == len(params)
+    assert len(param_groups(sidecar, set_trainable(sidecar, ["adapters"]), 1e-3, 10.0)) == 1

@@ -116,8 +116,13 @@ def test_trunk_is_bit_identical_and_sidecar_carries_tau(reference, workspace):
     model = PDTForCausalLM.from_pretrained(fresh, sidecar=os.path.join(run, "sidecar"))
     assert float(model.sidecar.adapters["1"].up.detach().abs().sum()) > 0  # trained weights, not the zero init
     report = summary["evaluation"]["validation"]
-    assert {"kd_notes", "kd_no_notes", "kd_shuffled", "agreement"} <= set(report)
+    assert {"kd_notes", "kd_no_notes", "kd_shuffled", "kd_bare_trunk", "agreement"} <= set(report)
     assert 0.0 <= report["agreement"]["precision"] <= 1.0
+    for split, rep in summary["evaluation"].items():  # every reported split carries its own ceiling and shares
+        share, low, high = rep["ceiling_closed"]["notes"]
+        assert low <= share <= high, split
+        expected = (rep["kd_no_notes"] - rep["kd_notes"]) / rep["kd_bare_trunk"]
+        assert share == pytest.approx(expected, rel=1e-4, abs=1e-6), split
 
 
 def test_killed_run_resumes_to_the_same_losses(reference, workspace):

@@ -174,6 +174,11 @@ def test_overrides_by_stage_name_and_errors():
         load_recipe(TINY_RECIPE, ["train.run_stages=[heads, warmup]"])
 
 
+def test_note_grad_lets_the_readers_losses_train_the_notes_head():
+    stage = StageConfig("s", ["snc", "heads.notes"], {"kd": 1.0}, 3, notes_visible=True, note_grad=True)
+    assert stage.note_grad and stage.gate_lr_scale == 1.0
+
+
 @pytest.mark.parametrize(
     "stage, message",
     [
@@ -184,6 +189,12 @@ def test_overrides_by_stage_name_and_errors():
         (dict(trainable=["snc"], losses={"kd": 1.0}, steps=3), "SNC needs notes_visible"),
         (dict(trainable=["adapters"], losses={"lm": 1.0, "agreement": 1.0}, steps=3), "reaches no trainable"),
         (dict(trainable=["snc"], losses={"usage": 1.0}, steps=3), "set notes_visible: true"),
+        (dict(trainable=["heads.notes"], losses={"kd": 1.0}, steps=3, note_grad=True), "note_grad trains"),
+        (
+            dict(trainable=["snc", "heads.notes"], losses={"kd": 1.0}, steps=3, notes_visible=True),
+            "trains heads.notes but none",
+        ),
+        (dict(trainable=["adapters"], losses={"lm": 1.0}, steps=3, gate_lr_scale=0), "gate_lr_scale must be > 0"),
     ],
 )
 def test_bad_stage_is_rejected_with_the_fix(stage, message):

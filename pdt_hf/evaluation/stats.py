@@ -9,6 +9,8 @@ Design decisions:
 - Paired comparisons (two systems on the same prompts) bootstrap the per-item differences ``a - b``,
   so the prompt-to-prompt variance that both systems share cancels. Identical inputs give exactly
   ``(0.0, 0.0, 0.0)``.
+- A ratio of sums (a share of a total, each item contributing to both) is bootstrapped as a ratio: every
+  resample sums numerator and denominator over the same drawn items, so items weigh by their size.
 - Resamples are drawn in chunks of at most about a million indices, so long metric lists do not build
   one ``[n_resamples, N]`` index matrix at once.
 """
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "paired_difference"]
+__all__ = ["bootstrap_ci", "paired_difference", "ratio_ci"]
 
 _MAX_INDICES_PER_CHUNK = 1 << 20
 
@@ -85,3 +87,35 @@ def paired_difference(
             "in the same order for both (use bootstrap_ci on each for unpaired data)."
         )
     return bootstrap_ci(first - second, n_resamples=n_resamples, confidence=confidence, seed=seed)
+
+
+def ratio_ci(
+    numerator: Sequence[float] | np.ndarray,
+    denominator: Sequence[float] | np.ndarray,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``sum(numerator) / sum(denominator)`` over paired items and its percentile-bootstrap interval.
+
+    Returns:
+        ``(ratio, low, high)``; resamples whose denominator sums to 0 are dropped.
+    """
+    top, bottom = _as_values(numerator, "numerator"), _as_values(denominator, "denominator")
+    if top.size != bottom.size:
+        raise ValueError(f"numerator has {top.size} items and denominator {bottom.size}; pass one pair per item.")
+    if bottom.sum() == 0:
+        raise ValueError("the denominator sums to 0, so the ratio is undefined; check the per-item totals.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence!r} must be strictly between 0 and 1, e.g. 0.95.")
+    rng = np.random.default_rng(seed)
+    n = top.size
+    rows_per_chunk = max(1, _MAX_INDICES_PER_CHUNK // n)
+    ratios = []
+    for start in range(0, n_resamples, rows_per_chunk):
+        indices = rng.integers(0, n, size=(min(rows_per_chunk, n_resamples - start), n))  # [rows, N]
+        num, den = top[indices].sum(axis=1), bottom[indices].sum(axis=1)
+        ratios.append(num[den != 0] / den[den != 0])
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(np.concatenate(ratios), [alpha, 1.0 - alpha])
+    return float(top.sum() / bottom.sum()), float(low), float(high)

@@ -8,6 +8,8 @@ Design decisions:
   ``train.agreement_divergence``; the agreement head should send it back. A decoder rolls a block back when
   its score is below tau, so tau is chosen on the calibration split to best separate divergent blocks
   (``f1`` of the rollback decision, or ``youden``: recall minus false-rollback rate); ties keep the smaller tau.
+- The reachable ceiling (:func:`ceiling_closed`) is the bare trunk's KD on the same tokens; shares of it are
+  ratios of token sums with a bootstrap over examples.
 - Precision/recall are reported for the rollback decision against the measured divergence.
 - A rollback costs a block of decoding, so it must be worth acting on: :func:`rollback_pays` keeps the chosen tau
   only when the rollback decision's precision beats the divergent base rate by a clear margin, judged by the
@@ -26,7 +28,14 @@ from .batch import TrainBatch
 from .losses import note_alignment_loss
 from .objective import PDTObjective, block_states, concat_notes
 
-__all__ = ["agreement_report", "choose_threshold", "evaluate_split", "rollback_pays", "wilson_interval"]
+__all__ = [
+    "agreement_report",
+    "ceiling_closed",
+    "choose_threshold",
+    "evaluate_split",
+    "rollback_pays",
+    "wilson_interval",
+]
 
 VARIANTS = ("notes", "no_notes", "shuffled")
 
@@ -37,6 +46,7 @@ def evaluate_split(
 ) -> dict:
     """Token-mean KD/LM per variant, note alignment, coverage accuracy, and per-block agreement scores/labels."""
     sums = {f"{m}_{v}": 0.0 for m in ("kd", "lm") for v in VARIANTS}
+    per_example: dict[str, list[float]] = {"tokens": [], **{f"kd_{v}": [] for v in VARIANTS}}
     tokens = blocks = 0
     notes_mse = cov_hits = cov_total = 0.0
     scores, agree, divergence = [], [], []
@@ -54,9 +64,13 @@ def evaluate_split(
         kd_tok, lm_tok = objective.token_losses(batch, hidden, rows)
         mask = batch.section_mask.repeat(len(VARIANTS), 1).float()
         count = float(batch.section_mask.sum())
+        by_example = torch.zeros(batch.num_examples, n, device=mask.device)
+        by_example[batch.example_index, torch.arange(n)] = 1.0  # [E, N] rows of each example
+        per_example["tokens"] += (by_example @ batch.section_mask.float().sum(1)).tolist()
         for i, v in enumerate(VARIANTS):
             sums[f"kd_{v}"] += float((kd_tok * mask)[i * n : (i + 1) * n].sum())
             sums[f"lm_{v}"] += float((lm_tok * mask)[i * n : (i + 1) * n].sum())
+            per_example[f"kd_{v}"] += (by_example @ (kd_tok * mask)[i * n : (i + 1) * n].sum(1).float()).tolist()
         tokens += count
         states = block_states(hidden[:n], batch.query_round, r)
         note_pred = heads.notes(states.flatten(0, 1).unsqueeze(1)).view(n, r, -1)
@@ -81,10 +95,30 @@ def evaluate_split(
         coverage_accuracy=cov_hits / max(cov_total, 1.0),
     )
     report["kd_gain_from_notes"] = report["kd_no_notes"] - report["kd_notes"]
+    report["per_example"] = per_example
     report["agreement_scores"] = torch.cat(scores) if scores else torch.zeros(0)
     report["agreement_labels"] = torch.cat(agree) if agree else torch.zeros(0)
     report["block_divergence"] = torch.cat(divergence) if divergence else torch.zeros(0)
     return report
+
+
+def ceiling_closed(report: dict, bare: dict, seed: int = 0) -> dict[str, list[float]]:
+    """Shares of the reachable ceiling closed, each ``[share, low, high]`` (95% bootstrap over examples).
+
+    The ceiling is the bare trunk's KD to the teacher on the same tokens (``bare``: :func:`evaluate_split` with
+    the sidecar detached). With the lag-consistent teacher it is all reachable: the teacher differs from the bare
+    trunk only by the sibling blocks a stream can see. ``notes`` is what reading true notes closes beyond reading
+    none, ``notes_vs_shuffled`` beyond reading another example's, ``total`` what the sidecar closes in all.
+    """
+    from ..evaluation.stats import ratio_ci
+
+    mine, ref = report["per_example"], bare["per_example"]["kd_notes"]
+    pairs = {
+        "notes": [a - b for a, b in zip(mine["kd_no_notes"], mine["kd_notes"])],
+        "notes_vs_shuffled": [a - b for a, b in zip(mine["kd_shuffled"], mine["kd_notes"])],
+        "total": [a - b for a, b in zip(ref, mine["kd_notes"])],
+    }
+    return {name: list(ratio_ci(values, ref, seed=seed)) for name, values in pairs.items()}
 
 
 def agreement_report(scores: torch.Tensor, agree: torch.Tensor, tau: float) -> dict[str, float]:

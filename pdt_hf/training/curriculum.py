@@ -26,6 +26,7 @@ __all__ = [
     "StageConfig",
     "default_curriculum",
     "expand_families",
+    "param_groups",
     "set_trainable",
     "validate_curriculum",
 ]
@@ -45,6 +46,9 @@ LOSS_REACH: dict[str, tuple[str, ...]] = {
     "agreement": ("heads.agreement",),
 }
 """Families a loss's gradient can reach (SNC only when the stage shows notes)."""
+
+NOTE_GRAD_LOSSES = ("lm", "kd", "usage")
+"""Losses of the rows that read notes: with a stage's ``note_grad`` they also reach the notes and planner heads."""
 
 
 def expand_families(names: list[str]) -> list[str]:
@@ -72,6 +76,21 @@ class StageConfig:
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps before the cosine decay."})
     notes_visible: bool = field(
         default=False, metadata={"help": "Whether rows read lagged sibling notes through SNC in this stage."}
+    )
+    note_grad: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the graph from the rows' losses back through the sibling notes they read to the notes "
+            "and planner heads that wrote them (end to end; needs notes_visible). Without it those heads learn "
+            "only from their alignment losses."
+        },
+    )
+    gate_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning rate of the SNC gates as a multiple of lr (the bus probe needed 10: at 1x the "
+            "gates stalled near |tanh| 0.07)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -102,11 +121,23 @@ class StageConfig:
             raise ValueError(f"{where}: warmup_steps must be an integer >= 0, got {self.warmup_steps!r}.")
         if self.losses.get("usage", 0) > 0 and not self.notes_visible:
             raise ValueError(f"{where}: the usage loss compares notes with ablated notes; set notes_visible: true.")
+        if self.note_grad and not self.notes_visible:
+            raise ValueError(
+                f"{where}: note_grad trains the heads behind the notes rows read; set notes_visible: true."
+            )
+        if isinstance(self.gate_lr_scale, bool) or not isinstance(self.gate_lr_scale, (int, float)):
+            raise ValueError(f"{where}: gate_lr_scale must be a number > 0, got {self.gate_lr_scale!r}.")
+        if not self.gate_lr_scale > 0:
+            raise ValueError(f"{where}: gate_lr_scale must be > 0, got {self.gate_lr_scale!r}.")
+        self.gate_lr_scale = float(self.gate_lr_scale)
         self._check_reach(where)
 
     def _check_reach(self, where: str) -> None:
         weighted = [loss for loss, w in self.losses.items() if w > 0]
         reach = {loss: {f for f in LOSS_REACH[loss] if f != "snc" or self.notes_visible} for loss in weighted}
+        if self.note_grad:
+            for loss in set(weighted) & set(NOTE_GRAD_LOSSES):
+                reach[loss] |= {"heads.notes", "heads.planner"}
         for family in self.trainable:
             if not any(family in r for r in reach.values()):
                 hint = [loss for loss, fams in LOSS_REACH.items() if family in fams]
@@ -137,6 +168,16 @@ def validate_curriculum(stages: list[StageConfig], run_stages: list[str] | None 
     if unknown:
         raise ConfigError(f"train.run_stages names unknown stage(s) {unknown}; the curriculum has {names}.")
     return [s for s in stages if s.name in run_stages]
+
+
+def param_groups(sidecar: nn.Module, params: list[nn.Parameter], lr: float, gate_lr_scale: float) -> list[dict]:
+    """AdamW groups: the SNC gates at ``lr * gate_lr_scale``, every other parameter of ``params`` at ``lr``."""
+    gates = {id(layer.gate) for layer in sidecar.snc_layers}
+    groups = [
+        {"params": [p for p in params if id(p) not in gates], "lr": lr},
+        {"params": [p for p in params if id(p) in gates], "lr": lr * gate_lr_scale},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def set_trainable(sidecar: nn.Module, families: list[str]) -> list[nn.Parameter]:

@@ -3,8 +3,11 @@
 Design decisions:
 - Only the sidecar is a registered child, so DDP/FSDP wrapping, broadcasting and ``.to()`` touch sidecar
   parameters only; the frozen trunk is held as a plain attribute and never synchronised or saved.
-- Exactly one forward with gradients per step (the *main pass*). Everything else runs under ``no_grad``: the
-  bare-trunk prefix pass and the *note pass* that produces the notes siblings publish. When the usage term is
+- Exactly one trunk forward with gradients per step (the *main pass*). Everything else runs under ``no_grad``:
+  the bare-trunk prefix pass and the trunk part of the *note pass* that produces the notes siblings publish.
+  With a stage's ``note_grad`` the notes and planner heads on the note pass's states keep their graph, so the
+  KD of the rows that read those notes trains the heads that wrote them; the trunk pass stays graph-free, so
+  this costs two small head backwards and is the same under checkpointing. When the usage term is
   on, the rows with true notes and the rows with ablated notes are concatenated into that one forward, so the
   sidecar context the hooks read is the same in a checkpointed recompute as in the forward.
 - Prefix reuse: each example's shared prompt prefix is run once by the bare trunk (no sidecar) and its KV,
@@ -148,24 +151,27 @@ class PDTObjective(nn.Module):
     def suffix_mask(self, batch: TrainBatch, width: int) -> torch.Tensor:
         return torch.arange(width, device=batch.suffix_len.device) < batch.suffix_len.unsqueeze(1)
 
-    @torch.no_grad()
     def note_pass(
-        self, batch: TrainBatch, prefix: PrefixKV | None, mode: str | None = None
+        self, batch: TrainBatch, prefix: PrefixKV | None, mode: str | None = None, grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Notes siblings publish: planner ``[N, d_note]``, block notes ``[N, R, d_note]``, validity ``[N, R]``.
 
-        ``mode`` is ``student`` or ``teacher`` (default: ``train.sibling_notes``)."""
+        ``mode`` is ``student`` or ``teacher`` (default: ``train.sibling_notes``). The trunk pass never keeps a
+        graph; with ``grad`` the planner and notes heads on its states do, so a loss on the rows that read these
+        notes trains the heads that wrote them (end to end, as the bus probe needs)."""
         heads, rows = self.sidecar.heads, torch.arange(len(batch.stream_ids), device=batch.stream_ids.device)
-        if (mode or self.loop.sibling_notes) == "teacher":
-            width = int(batch.suffix_len.max())
+        teacher = (mode or self.loop.sibling_notes) == "teacher"
+        with torch.no_grad():
+            width = int(batch.suffix_len.max()) if teacher else None
             hidden = self.run_rows(batch, rows, None, prefix, width)
-            blocks = batch.note_targets
-        else:
-            hidden = self.run_rows(batch, rows, None, prefix)
-            states = block_states(hidden, batch.query_round, batch.num_blocks)
-            blocks = heads.notes(states.flatten(0, 1).unsqueeze(1)).view(*states.shape[:2], -1)
             width = hidden.shape[1]
-        planner = heads.planner(hidden, self.suffix_mask(batch, width), batch.stream_ids)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            if teacher:
+                blocks = batch.note_targets
+            else:
+                states = block_states(hidden, batch.query_round, batch.num_blocks)
+                blocks = heads.notes(states.flatten(0, 1).unsqueeze(1)).view(*states.shape[:2], -1)
+            planner = heads.planner(hidden, self.suffix_mask(batch, width), batch.stream_ids)
         return planner, blocks, batch.block_has_state
 
     def build_notes(
@@ -195,14 +201,17 @@ class PDTObjective(nn.Module):
         )
 
     # ------------------------------------------------------------------ losses
-    def forward(self, batch: TrainBatch, weights: dict[str, float], notes_visible: bool) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: TrainBatch, weights: dict[str, float], notes_visible: bool, note_grad: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Weighted losses of one batch; ``note_grad`` keeps the sibling notes' graph to the heads that wrote them."""
         heads, n, r = self.sidecar.heads, len(batch.stream_ids), batch.num_blocks
         prefix = self.prefix_kv(batch)
         notes = planner_in = None
         usage = "usage" in weights and notes_visible
         rows = torch.arange(n, device=batch.stream_ids.device)
         if notes_visible:
-            planner_in, blocks, valid = self.note_pass(batch, prefix)
+            planner_in, blocks, valid = self.note_pass(batch, prefix, grad=note_grad)
             notes = self.build_notes(batch, planner_in, blocks, valid)
             if usage:
                 ablated = self.build_notes(batch, planner_in, blocks, valid, ablate=self.loop.ablation)

@@ -55,7 +55,7 @@ from ..trunk.architectures import base_model
 from ..trunk.compat import cache_kwargs
 from .batch import TrainBatch, collate
 from .config import LoopConfig
-from .curriculum import set_trainable
+from .curriculum import param_groups, set_trainable
 from .data.schema import NoteProjection
 from .loading import has_sliding_layers
 from .objective import PDTObjective, PrefixKV, block_states
@@ -386,11 +386,7 @@ def train_probe(model, tokenizer, task: ProbeTask, examples: list[ProbeExample],
 
     cfg, run = task.config, ProbeRunner(model, tokenizer, task)
     params = set_trainable(model.sidecar, ["heads.notes", "snc"])
-    gates = {id(layer.gate) for layer in model.sidecar.snc_layers}
-    groups = [
-        {"params": [q for q in params if id(q) not in gates], "lr": cfg.lr},
-        {"params": [q for q in params if id(q) in gates], "lr": cfg.lr * cfg.gate_lr_scale},
-    ]
+    groups = param_groups(model.sidecar, params, cfg.lr, cfg.gate_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
     rng = random.Random(cfg.seed)

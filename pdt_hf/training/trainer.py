@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from ..checkpoint import atomic_write
 from ..trunk.compat import enable_checkpointing
 from .batch import collate
-from .calibration import agreement_report, choose_threshold, evaluate_split, rollback_pays
+from .calibration import agreement_report, ceiling_closed, choose_threshold, evaluate_split, rollback_pays
 from .checkpointing import TrainerState, latest_checkpoint, load_checkpoint, rng_tensors, save_checkpoint
 from .config import RecipeConfig
-from .curriculum import StageConfig, set_trainable
+from .curriculum import StageConfig, param_groups, set_trainable
 from .data.schema import check_compatible, load_manifest, load_projection, load_split
 from .loading import load_pdt_model, load_trunk_and_tokenizer, reuse_prefix_kv
 from .metrics import MetricsLogger, plot_losses
@@ -70,6 +70,18 @@ def example_order(cursor: int, count: int, num_examples: int, seed: int) -> list
             gen = torch.Generator().manual_seed(seed * 7919 + epoch)
             perms[epoch] = torch.randperm(num_examples, generator=gen).tolist()
         out.append(perms[epoch][pos])
+    return out
+
+
+def gate_readings(sidecar) -> dict[str, float]:
+    """The SNC gates at this step: largest ``|tanh(alpha)|`` and, when they train, their largest |gradient|."""
+    layers = sidecar.snc_layers
+    if not layers:
+        return {}
+    out = {"gate_max": max(abs(math.tanh(float(layer.gate.detach()))) for layer in layers)}
+    grads = [layer.gate.grad for layer in layers if layer.gate.grad is not None]
+    if grads:
+        out["gate_grad_max"] = max(float(g.abs()) for g in grads)
     return out
 
 
@@ -156,7 +168,11 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
     for index in range(state.stage_index, len(stages)):
         stage = stages[index]
         params = set_trainable(model.sidecar, stage.trainable)
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=loop.weight_decay)
+        optimizer = torch.optim.AdamW(
+            param_groups(model.sidecar, params, stage.lr, stage.gate_lr_scale),
+            lr=stage.lr,
+            weight_decay=loop.weight_decay,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(stage))
         if opt_state is not None and state.stage_step > 0:
             optimizer.load_state_dict(opt_state)
@@ -173,12 +189,13 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
                 batch = make_batch([train_set[j] for j in chunk])
                 sync = accelerator.no_sync(wrapped) if i < len(micro) - 1 else _null()
                 with sync:
-                    out = wrapped(batch, stage.losses, stage.notes_visible)
+                    out = wrapped(batch, stage.losses, stage.notes_visible, stage.note_grad)
                     accelerator.backward(out["loss"] / len(micro))
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float() / len(micro)
             if loop.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, loop.max_grad_norm)
+            gates = gate_readings(model.sidecar)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -186,6 +203,7 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
             means = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="mean").tolist()
             values = dict(zip(keys, means))
             values["lr"] = scheduler.get_last_lr()[0]
+            values.update(gates)
             values["step_seconds"] = time.time() - tic
             state.stage_step += 1
             state.global_step += 1
@@ -258,11 +276,13 @@ def _finish(recipe, objective, model, manifest, make_batch, logger, start, world
         reports[split] = evaluate_split(objective, [data[i] for i in range(count)], make_batch)
     if cal.split not in reports:
         raise ValueError(f"calibration split {cal.split!r} is empty; give it prompts (data.build.max_prompts).")
-    data = load_split(recipe.data.path, cal.split, manifest)
-    count = len(data) if cal.max_examples is None else min(len(data), cal.max_examples)
-    with model.disable_sidecars():  # reference: the bare trunk reading its own stream prompt
-        bare = evaluate_split(objective, [data[i] for i in range(count)], make_batch)
-    reports[cal.split]["kd_bare_trunk"], reports[cal.split]["lm_bare_trunk"] = bare["kd_notes"], bare["lm_notes"]
+    for split, rep in reports.items():
+        data = load_split(recipe.data.path, split, manifest)
+        count = len(data) if cal.max_examples is None else min(len(data), cal.max_examples)
+        with model.disable_sidecars():  # reference: the bare trunk reading its own stream prompt
+            bare = evaluate_split(objective, [data[i] for i in range(count)], make_batch)
+        rep["kd_bare_trunk"], rep["lm_bare_trunk"] = bare["kd_notes"], bare["lm_notes"]
+        rep["ceiling_closed"] = ceiling_closed(rep, bare, loop.seed)
     cal_scores, cal_labels = reports[cal.split]["agreement_scores"], reports[cal.split]["agreement_labels"]
     chosen = choose_threshold(cal_scores, cal_labels, cal.objective)
     decision = rollback_pays(agreement_report(cal_scores, cal_labels, chosen), cal.min_precision_gain)
@@ -279,6 +299,7 @@ def _finish(recipe, objective, model, manifest, make_batch, logger, start, world
     for split, rep in reports.items():
         scores, labels = rep.pop("agreement_scores"), rep.pop("agreement_labels")
         divergence = rep.pop("block_divergence")
+        rep.pop("per_example")
         rep["agreement"] = agreement_report(scores, labels, tau)
         rep["block_divergence_median"] = float(divergence.median()) if divergence.numel() else 0.0
         evaluation[split] = rep

@@ -164,13 +164,14 @@ def test_pdt_bench_writes_json_markdown_and_plot(tmp_path) -> None:
     result = json.loads((out / "bench.json").read_text())
     assert result["settings"]["ks"] == [1, 2, 4] and result["machine"]["device"] == "cpu"
     runs = result["runs"]
-    assert len(runs) == 2 * (2 + 5 * 3)  # repeats x (serial, prompt lookup, 3 K for each K-stream method)
+    assert len(runs) == 2 * (2 + 6 * 3)  # repeats x (serial, prompt lookup, 3 K for each K-stream method)
     assert {r["repeat"] for r in runs} == {0, 1}
     for run in runs:
         expected = 4 * 4 if run["method"] in ("serial", "prompt-lookup") else run["k"] * 4
         assert run["committed"] == expected and run["peak_mib"] > 0 and run["ttft"] > 0
     rows = {(r["method"], r["k"]): r for r in result["rows"]}
     methods = ("serial", "prompt-lookup", "hf-batch", "pdt-off", "pdt-on", "pdt-no-rollback", "pdt-text-bus")
+    methods += ("pdt-speculate",)
     assert set(rows) == {(m, k) for m in methods for k in (1, 2, 4)}
     assert rows[("pdt-on", 4)]["sidecar"] == "untrained (speed only)" and rows[("pdt-on", 2)]["sidecar"] == "untrained"
     assert rows[("pdt-on", 2)]["note_bus_overhead"] is not None and rows[("pdt-on", 1)]["step_cost_ratio"] == 1.0

@@ -19,7 +19,17 @@ Design decisions:
                        stream's context re-prefilled each round with the siblings' text of rounds <= r - Δ
                        (``generation.text_bus``); records the re-prefilled tokens (``prefill_tokens``) and
                        ``rounds``; every forward after the first counts as a step, re-prefills included
+  ``pdt-speculate``    ``pdt-no-rollback`` with speculative decoding inside the streams
+                       (``speculate="prompt-lookup"``, n = ``--num-speculative-tokens``): the same greedy tokens,
+                       fewer forwards; its steps are its decode forwards, verify forwards included
   ===================  ======================================================================================
+
+- Every run records ``forwards`` (PDT: decode forwards, prefills excluded; HF: all forwards) and
+  ``tokens_per_forward`` (tokens per stream and decode forward: 1 without drafts; HF: a row's tokens over
+  all its forwards, the prefill included, since that one writes the first token) and, for
+  ``pdt-speculate``, the draft tokens proposed and accepted (``acceptance_rate``). A round ends when its last
+  stream has its block, so with K streams the forwards of a round are those of its slowest stream:
+  ``forwards`` is what wall time follows, tokens per stream forward what each stream gains.
 
 - Every method writes exactly its token count: HF calls get ``min_new_tokens = max_new_tokens`` (EOS
   cannot end them), PDT calls suppress every EOS id with ``SuppressTokensLogitsProcessor`` and have no
@@ -46,6 +56,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from ..generation.prompts import render_ids, stream_message
+from ..generation.speculate import DEFAULT_SPECULATIVE_TOKENS
 from ..generation.streamer import MultiStreamStreamer
 from .baselines import serial_message
 from .prompt_sets import EvalItem
@@ -53,8 +64,17 @@ from .timing import ForwardClock, TokenClock, peak_memory
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "run_bench"]
 
-BENCH_METHODS = ("serial", "prompt-lookup", "hf-batch", "pdt-off", "pdt-on", "pdt-no-rollback", "pdt-text-bus")
-_SIDECAR_METHODS = ("pdt-off", "pdt-on", "pdt-no-rollback")
+BENCH_METHODS = (
+    "serial",
+    "prompt-lookup",
+    "hf-batch",
+    "pdt-off",
+    "pdt-on",
+    "pdt-no-rollback",
+    "pdt-text-bus",
+    "pdt-speculate",
+)
+_SIDECAR_METHODS = ("pdt-off", "pdt-on", "pdt-no-rollback", "pdt-speculate")
 
 
 @dataclass
@@ -66,13 +86,20 @@ class BenchConfig:
     repeats: int = 3
     warmup_tokens: int = 4
     prompt_lookup_num_tokens: int = 10
+    num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS
     seed: int = 0
     methods: list[str] = field(default_factory=lambda: list(BENCH_METHODS))
 
     def __post_init__(self) -> None:
         if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
             raise ValueError(f"ks={self.ks!r} must be a non-empty list of positive integers, e.g. 1,2,3,4,8.")
-        for name in ("max_new_tokens", "repeats", "warmup_tokens", "prompt_lookup_num_tokens"):
+        for name in (
+            "max_new_tokens",
+            "repeats",
+            "warmup_tokens",
+            "prompt_lookup_num_tokens",
+            "num_speculative_tokens",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
@@ -157,7 +184,9 @@ class Bench:
         written = (out.shape[1] - width) * len(prompts)
         return {"committed": written, "decoded": written, "rollbacks": 0}, clock, start
 
-    def _pdt(self, item: EvalItem, k: int, tokens: int, bus: bool, rollback: bool) -> tuple[dict, float]:
+    def _pdt(
+        self, item: EvalItem, k: int, tokens: int, bus: bool, rollback: bool, speculate: bool = False
+    ) -> tuple[dict, float]:
         untrained = self.sidecar_for(k) != self.label or self.label == "untrained"
         processors = LogitsProcessorList([SuppressTokensLogitsProcessor(self.eos, device=self.device)])
         view = FirstText()
@@ -175,6 +204,8 @@ class Bench:
                 logits_processor=processors,
                 agreement_threshold=0.0 if untrained else None,
                 streamer=view,
+                speculate="prompt-lookup" if speculate else None,
+                num_speculative_tokens=self.config.num_speculative_tokens if speculate else None,
             )
         t = out.telemetry
         committed = sum(len(s) for s in out.sequences)
@@ -183,6 +214,11 @@ class Bench:
             "decoded": t.decoded_tokens,
             "rollbacks": len(t.rollbacks),
             "first_visible": None if view.first is None else view.first - start,
+            "forwards": t.forwards,
+            "tokens_per_forward": t.tokens_per_forward,
+            "draft_tokens": t.draft_tokens,
+            "accepted_draft_tokens": t.accepted_draft_tokens,
+            "acceptance_rate": t.acceptance_rate if speculate else None,
         }, start
 
     def _text_bus(self, item: EvalItem, k: int, tokens: int) -> tuple[dict, float]:
@@ -219,13 +255,20 @@ class Bench:
                 record, start = self._text_bus(item, k, tokens)
                 clock = None
             elif method in _SIDECAR_METHODS:
-                bus, rollback = method != "pdt-off", method != "pdt-no-rollback"
-                record, start = self._pdt(item, k, tokens, bus=bus, rollback=rollback)
+                bus, rollback = method != "pdt-off", method not in ("pdt-no-rollback", "pdt-speculate")
+                record, start = self._pdt(item, k, tokens, bus, rollback, speculate=method == "pdt-speculate")
                 clock = None
             else:
                 raise ValueError(f"unknown bench method {method!r}; choose from {list(BENCH_METHODS)}.")
             end = time.perf_counter()
-        steps, first = fwd.steps(end, "pdt" if method in _SIDECAR_METHODS else "hf")
+        if method == "pdt-speculate":
+            steps, first = fwd.steps(end, "pdt", decode_forwards=record["forwards"])
+        else:
+            steps, first = fwd.steps(end, "pdt" if method in _SIDECAR_METHODS else "hf")
+        if method not in _SIDECAR_METHODS:
+            rows = 1 if method in ("serial", "prompt-lookup") else k
+            record["forwards"] = len(fwd.events)
+            record["tokens_per_forward"] = record["committed"] / rows / len(fwd.events) if fwd.events else None
         record.update(
             method=method,
             k=k,

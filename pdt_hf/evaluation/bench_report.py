@@ -11,6 +11,10 @@ Design decisions:
 - Step-cost ratio ``t_K / t_1`` divides the row's step p50 by the same method's at K=1; note-bus
   overhead compares ``pdt-on`` with ``pdt-off`` at the same K (``metrics.step_cost_ratio``,
   ``metrics.note_bus_overhead``). Both are empty when their reference row was not run.
+- Forwards (decode forwards of a run; empty for long runs, whose one run serves every K), tokens per forward
+  (per stream, ``bench`` module docstring) and the draft acceptance rate are medians over the row's runs;
+  long runs report the tokens per forward of the whole run. Acceptance is empty for methods without drafts
+  under PDT's control (HF's prompt lookup does not report its proposals).
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ def summarize_bench(raw: dict) -> list[dict[str, Any]]:
                     "useful_tps": _spread([r["tokens"] / r["wall"] for r in selected]),
                     "speedup": _spread(ratios),
                     "rollbacks": _spread([r.get("rollbacks", 0) for r in selected]),
+                    "forwards": None if method in _LONG else _spread([r.get("forwards") for r in selected]),
+                    "tokens_per_forward": _spread([r.get("tokens_per_forward") for r in selected]),
+                    "acceptance_rate": _spread([r.get("acceptance_rate") for r in selected]),
                     "peak_mib": _spread([r["peak_mib"] for r in selected]),
                     "run_mib": _spread(
                         [
@@ -128,18 +135,23 @@ def bench_markdown(rows: list[dict], header: str = "") -> str:
     lines = [header] if header else []
     lines += [
         "| method | K | tokens | sidecar | wall s | TTFT s | first text s | step p50 / p90 ms | aggregate tok/s "
-        "| useful tok/s | speedup vs serial | t_K/t_1 | bus overhead | rollbacks | peak MiB (+run) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| useful tok/s | speedup vs serial | t_K/t_1 | bus overhead | rollbacks | forwards | tok/fwd | accepted "
+        "| peak MiB (+run) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         steps = f"{_fmt(r['step_p50'] and 1000 * r['step_p50'], '.1f')} / {_fmt(r['step_p90'] and 1000 * r['step_p90'], '.1f')}"
         overhead = None if r["note_bus_overhead"] is None else 100 * r["note_bus_overhead"]
+        accepted = r.get("acceptance_rate")
+        accepted = "–" if accepted is None else f"{100 * accepted['median']:.0f}%"
         lines.append(
             f"| {r['method']} | {r['k']} | {r['tokens']} | {r['sidecar'] or '–'} | {_med(r['wall'])} | "
             f"{_med(r['ttft'], '.3f', False)} | {_med(r['first_visible'], '.3f', False)} | {steps} | "
             f"{_med(r['aggregate_tps'], '.1f', False)} | {_med(r['useful_tps'], '.1f')} | {_med(r['speedup'])} | "
             f"{_fmt(r['step_cost_ratio'])} | {_fmt(overhead, '+.1f') + ('%' if overhead is not None else '')} | "
-            f"{_med(r['rollbacks'], '.0f', False)} | {_med(r['peak_mib'], '.0f', False)} (+{_med(r['run_mib'], '.0f', False)}) |"
+            f"{_med(r['rollbacks'], '.0f', False)} | {_med(r.get('forwards'), '.0f', False)} | "
+            f"{_med(r.get('tokens_per_forward'), '.2f', False)} | {accepted} | "
+            f"{_med(r['peak_mib'], '.0f', False)} (+{_med(r['run_mib'], '.0f', False)}) |"
         )
     return "\n".join(lines) + "\n"
 

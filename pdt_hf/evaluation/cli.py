@@ -175,6 +175,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup_tokens=args.warmup_tokens,
         prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+        num_speculative_tokens=args.num_speculative_tokens,
         seed=args.seed,
         methods=args.methods,
     )
@@ -228,6 +229,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``pdt eval`` and ``pdt bench``."""
+    from ..generation.speculate import DEFAULT_SPECULATIVE_TOKENS
     from .baselines import EVAL_METHODS
     from .bench import BENCH_METHODS
 
@@ -259,6 +261,12 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--repeats", type=int, default=3, help="timed repeats of every configuration")
     b.add_argument("--warmup-tokens", type=int, default=4, help="tokens per stream of the untimed warm-up pass")
     b.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="draft length of prompt lookup")
+    b.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=DEFAULT_SPECULATIVE_TOKENS,
+        help="n, draft tokens per stream and forward of pdt-speculate (prompt lookup inside the streams)",
+    )
     b.add_argument(
         "--methods",
         type=_name_list,

@@ -14,7 +14,9 @@ Design decisions:
 
 - Which forwards are steps: for HF ``generate`` every forward after the first (the first is the prompt
   prefill; with prompt lookup the later ones verify several tokens); for PDT the forwards of one token per
-  stream (the shared-prefix and per-stream suffix prefills read more).
+  stream (the shared-prefix and per-stream suffix prefills read more), or, with speculative decoding, whose
+  verify forwards read several tokens too, the last ``decode_forwards`` forwards (the count PDT's telemetry
+  reports; the prefills come first).
 - *Time to first token* is the start of the first step forward (its input is the first new token), for
   every method. ``TokenClock`` is an HF streamer that records when each batch of new tokens arrived, so a
   long serial run also gives the time it took to write any shorter count of tokens.
@@ -70,11 +72,26 @@ class ForwardClock:
         while self._handles:
             self._handles.pop().remove()
 
-    def steps(self, call_end: float, kind: str) -> tuple[list[float], float | None]:
-        """``(step seconds, start of the first step)`` for ``kind`` ``"hf"`` or ``"pdt"`` (see module docstring)."""
+    def steps(
+        self, call_end: float, kind: str, decode_forwards: int | None = None
+    ) -> tuple[list[float], float | None]:
+        """``(step seconds, start of the first step)`` for ``kind`` ``"hf"`` or ``"pdt"`` (see module docstring).
+
+        ``decode_forwards`` (PDT only): the steps are the last that many forwards, whatever their length.
+        """
         if kind not in ("hf", "pdt"):
             raise ValueError(f"kind={kind!r} must be 'hf' or 'pdt'.")
-        starts = [e[0] for e in self.events[1:]] if kind == "hf" else [e[0] for e in self.events if e[2] == 1.0]
+        if decode_forwards is not None:
+            if kind != "pdt" or not 0 <= decode_forwards <= len(self.events):
+                raise ValueError(
+                    f"decode_forwards={decode_forwards} needs kind='pdt' and at most the {len(self.events)} "
+                    "forwards recorded."
+                )
+            starts = [e[0] for e in self.events[len(self.events) - decode_forwards :]]
+        elif kind == "hf":
+            starts = [e[0] for e in self.events[1:]]
+        else:
+            starts = [e[0] for e in self.events if e[2] == 1.0]
         if not starts:
             return [], None
         bounds = starts + [call_end]

@@ -37,6 +37,7 @@ from .plan import (
 from .prompts import render_ids, split_stream_prompts, stream_message
 from .sampling import SamplingSettings, TokenChooser
 from .select import scoring_rows, select_plan
+from .speculate import DraftProposer, make_proposer
 from .streamer import MultiStreamStreamer
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ def multi_stream_generate(
     rollback: bool = True,
     record_reads: bool = False,
     fast_attention: bool | None = None,
+    speculate: str | DraftProposer | None = None,
+    num_speculative_tokens: int | None = None,
+    draft_model: torch.nn.Module | None = None,
 ) -> MultiStreamOutput:
     """Write ``num_streams`` sections of one answer in parallel (see DESIGN.md, "Generation").
 
@@ -140,6 +144,12 @@ def multi_stream_generate(
     its suffix) plus ``max_new_tokens``, or the skeleton pass's prompt plus its outline tokens, exceeds the
     trunk's ``max_position_embeddings``. A sliding window does not lower that bound: it limits which keys a
     query reads, and the stream cache keeps every token.
+
+    Speculative decoding (``generation.speculate``): ``speculate="prompt-lookup"`` (n-gram lookup in each
+    stream's own prompt and text) or ``"draft"`` (greedy drafts of ``draft_model``, a small model sharing the
+    trunk's vocabulary) lets every stream propose up to ``num_speculative_tokens`` tokens (default
+    ``DEFAULT_SPECULATIVE_TOKENS``), never past its block's end; all streams verify in one batched forward.
+    Greedy output equals the output without drafts; sampling keeps its distribution (point-mass acceptance).
     """
     cfg = model.pdt_config
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -157,6 +167,9 @@ def multi_stream_generate(
         _check_positive("num_streams", num_streams, f"; this sidecar runs 1 to {cfg.num_streams} streams")
     if plan_candidates is not None:
         _check_positive("plan_candidates", plan_candidates, "; the pool size M, at least num_streams (e.g. 2 K)")
+    proposer, speculate_name, speculative_tokens = make_proposer(
+        speculate, num_speculative_tokens, draft_model, model.trunk
+    )
     settings = DecodeSettings(
         num_streams=num_streams if num_streams is not None else cfg.num_streams,
         block_size=block_size if block_size is not None else cfg.block_size,
@@ -171,6 +184,8 @@ def multi_stream_generate(
         note_ablation=note_ablation,
         rollback=rollback,
         fast_attention=fast_attention,
+        speculate=speculate_name,
+        num_speculative_tokens=speculative_tokens,
     )
     for name in ("block_size", "commit_horizon", "note_window", "max_new_tokens"):
         _check_positive(name, getattr(settings, name))
@@ -248,7 +263,14 @@ def multi_stream_generate(
     eos = eos if eos is not None else tokenizer.eos_token_id
     eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
     decoder = MultiStreamDecoder(
-        model, tokenizer, settings, TokenChooser(sampling, device), streamer, eos_ids, record_reads=record_reads
+        model,
+        tokenizer,
+        settings,
+        TokenChooser(sampling, device),
+        streamer,
+        eos_ids,
+        record_reads=record_reads,
+        proposer=proposer,
     )
     output = decoder.run(plan, stream_prompts, prefix, suffixes)
     output.bus = decoder.bus
@@ -305,12 +327,16 @@ def custom_generate(
     tokenizer: PreTrainedTokenizerBase | None = None,
     streamer: MultiStreamStreamer | None = None,
     plan_candidates: int | None = None,
+    speculate: str | None = None,
+    num_speculative_tokens: int | None = None,
+    draft_model: torch.nn.Module | None = None,
     **model_kwargs: object,
 ) -> MultiStreamOutput:
     """``trunk.generate(**inputs, custom_generate=custom_generate, num_streams=3, plan=[...], tokenizer=tok)``.
 
     Works on a plain trunk whose sidecars were attached with ``PDTForCausalLM`` (the wrapper is looked up).
-    Sampling settings and processors come from the prepared ``generation_config``/``logits_processor``.
+    Sampling settings and processors come from the prepared ``generation_config``/``logits_processor``;
+    ``generation_config.prompt_lookup_num_tokens`` turns on ``speculate="prompt-lookup"`` with that n.
     """
     owner = _OWNERS.get(model)
     pdt = owner() if owner is not None else None
@@ -329,4 +355,14 @@ def custom_generate(
         streamer=streamer,
         seed=model_kwargs.get("seed"),
         stop_strings=generation_config.stop_strings,
+        **_speculative_kwargs(generation_config, speculate, num_speculative_tokens, draft_model),
     )
+
+
+def _speculative_kwargs(generation_config, speculate, num_speculative_tokens, draft_model) -> dict:
+    """``custom_generate``'s speculative arguments, with HF's ``prompt_lookup_num_tokens`` as prompt lookup."""
+    lookup = getattr(generation_config, "prompt_lookup_num_tokens", None)
+    if speculate is None and lookup is not None:
+        speculate = "prompt-lookup"
+        num_speculative_tokens = num_speculative_tokens if num_speculative_tokens is not None else lookup
+    return {"speculate": speculate, "num_speculative_tokens": num_speculative_tokens, "draft_model": draft_model}

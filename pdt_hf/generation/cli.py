@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.panel import Panel
 
+from .speculate import DEFAULT_SPECULATIVE_TOKENS
 from .streamer import MultiStreamStreamer
 
 SHIPPED_SIDECAR = "sidecar-smollm2-135m"
@@ -153,7 +154,24 @@ def check_arguments(args: argparse.Namespace) -> list[str] | None:
         check_sidecar_dir(args.sidecar)
     if args.json is not None:
         check_json_path(args.json)
+    check_speculative_flags(args)
     return plan
+
+
+def check_speculative_flags(args: argparse.Namespace) -> None:
+    """``--num-speculative-tokens`` and ``--draft-model`` need the ``--speculate`` mode that uses them."""
+    if args.speculate is None and args.num_speculative_tokens is not None:
+        raise ValueError(
+            f"--num-speculative-tokens {args.num_speculative_tokens} needs speculative decoding on: add "
+            "--speculate prompt-lookup (or --speculate draft --draft-model ID)."
+        )
+    if args.speculate == "draft" and args.draft_model is None:
+        raise ValueError(
+            "--speculate draft needs --draft-model ID_OR_PATH (a small model sharing the trunk's vocabulary); "
+            "or use --speculate prompt-lookup, which needs none."
+        )
+    if args.draft_model is not None and args.speculate != "draft":
+        raise ValueError(f"--draft-model {args.draft_model!r} is only used with --speculate draft; add it or drop it.")
 
 
 def rollback_mode(tau: float) -> str:
@@ -200,6 +218,14 @@ def _run_generate(args: argparse.Namespace) -> int:
         f"({100 * model.sidecar_budget()['share']:.2f}% of the trunk)"
     )
     console.print(rollback_mode(model.pdt_config.agreement_threshold))
+    draft_model = None
+    if args.draft_model is not None:
+        from transformers import AutoModelForCausalLM
+
+        draft_model = AutoModelForCausalLM.from_pretrained(args.draft_model).to(model.trunk.device).eval()
+    if args.speculate is not None:
+        n = args.num_speculative_tokens or DEFAULT_SPECULATIVE_TOKENS
+        console.print(f"speculative decoding: {args.speculate}, up to {n} draft tokens per stream and forward")
     with Live(console=console, refresh_per_second=8, transient=False) as live:
         view = LivePanels(plan if args.candidates is None else None, live)  # selected titles are known later
         live.update(view.render())
@@ -215,6 +241,9 @@ def _run_generate(args: argparse.Namespace) -> int:
                 temperature=args.temperature or 1.0,
                 seed=args.seed,
                 streamer=view,
+                speculate=args.speculate,
+                num_speculative_tokens=args.num_speculative_tokens,
+                draft_model=draft_model,
             )
         except (ValueError, OSError):
             live.transient = True  # refused before any text: clear the empty panels, leave only the message
@@ -303,5 +332,23 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 for greedy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--speculate",
+        choices=["prompt-lookup", "draft"],
+        default=None,
+        help="speculative decoding inside the streams: each stream drafts tokens (prompt-lookup: n-gram lookup in "
+        "its own prompt and text; draft: --draft-model) and all streams verify them in one forward; greedy "
+        "output is unchanged (default: off)",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=positive_int,
+        default=None,
+        help="n, most draft tokens per stream and forward, never past the block's end "
+        f"(default: {DEFAULT_SPECULATIVE_TOKENS})",
+    )
+    p.add_argument(
+        "--draft-model", default=None, help="with --speculate draft: a small model sharing the trunk's vocabulary"
+    )
     p.add_argument("--json", default=None, help="also write the output and telemetry to this JSON file")
     p.set_defaults(func=run_generate)

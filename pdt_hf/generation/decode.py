@@ -25,6 +25,9 @@ Design decisions:
   the static layout (no per-step concatenation) unless the cascade attention path serves the steps.
 - Telemetry counts committed and decoded tokens and times prefill, decode and total, so a caller gets
   committed tokens/s, decoded tokens/s and the rollback share from ``MultiStreamOutput.telemetry``.
+- Speculative decoding (``speculate=...``) replaces the one-token step of a block by ``speculate.Speculator``'s
+  draft-and-verify step; a block still ends after B tokens (or a stop), so the judging, rollback and publishing
+  of blocks are the same with and without drafts.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..trunk.architectures import base_model, text_config, trunk_logits
 from ..trunk.compat import cache_kwargs, output_cache
 from .output import MultiStreamOutput, Telemetry
 from .sampling import TokenChooser
+from .speculate import DraftProposer, Speculator
 from .step import StepRunner, reference_step_active
 from .streamer import MultiStreamStreamer
 
@@ -70,6 +74,10 @@ class DecodeSettings:
     fast_attention: bool | None = None
     """Cascade decode attention reading the prefix once (None: on CUDA, for trunks without sliding layers or
     soft-capped attention)."""
+    speculate: str | None = None
+    """Speculative decoding: the proposer's name ("prompt-lookup", "draft", ...), or None (one token per step)."""
+    num_speculative_tokens: int = 0
+    """n, the most draft tokens a stream proposes per forward."""
 
 
 def sliding_window_of(config) -> int | None:
@@ -117,9 +125,15 @@ class StreamState:
         self.emitted_text = ""
         self.coverage = 0.0
         self.notes_read = 0
+        self.banned: int | None = None
+        """A rejected draft token the next sampled choice excludes (``speculate``), else None."""
+
+    def tokens(self) -> list[int]:
+        """Prompt, committed and block ids as one list."""
+        return self.prompt_ids + self.committed + self.block
 
     def history(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([self.prompt_ids + self.committed + self.block], device=device)
+        return torch.tensor([self.tokens()], device=device)
 
 
 def _segment_mean(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -141,6 +155,7 @@ class MultiStreamDecoder:
         streamer: MultiStreamStreamer | None = None,
         eos_token_ids: set[int] | None = None,
         record_reads: bool = False,
+        proposer: DraftProposer | None = None,
     ) -> None:
         self.model, self.tokenizer, self.settings, self.chooser = model, tokenizer, settings, chooser
         self.streamer = streamer
@@ -151,6 +166,11 @@ class MultiStreamDecoder:
         self.telemetry = Telemetry(step_path="fast" if self.fast_step else "reference")
         self.bus: NoteBus | None = None
         self.steps: StepRunner | None = None
+        self.speculator = None
+        if proposer is not None:
+            self.speculator = Speculator(self, proposer, settings.num_speculative_tokens, trunk_step_masks)
+            self.telemetry.speculate = settings.speculate
+            self.telemetry.num_speculative_tokens = settings.num_speculative_tokens
 
     # ------------------------------------------------------------------ setup
     @torch.no_grad()
@@ -164,7 +184,8 @@ class MultiStreamDecoder:
         prefix_out = base_model(model.trunk)(
             input_ids=torch.tensor([prefix], device=self.device), use_cache=True, **cache_kwargs(DynamicCache())
         )
-        capacity = max(len(x) for x in suffixes) + s.max_new_tokens + 1
+        # + n: a verify forward pads every stream to the longest draft, and the padding is rolled back after it.
+        capacity = max(len(x) for x in suffixes) + s.max_new_tokens + 1 + s.num_speculative_tokens
         static = self.fast_step and not self.fast_attention()
         cache = StreamKVCache.from_prefix(
             output_cache(prefix_out), k, capacity, commit_horizon=s.commit_horizon, static=static
@@ -277,17 +298,25 @@ class MultiStreamDecoder:
     def decode_block(
         self, states: list[StreamState], active: list[int], round: int, cache: StreamKVCache, next_logits: torch.Tensor
     ) -> None:
-        """Every stream in ``active`` decodes up to B tokens; one batched forward per token."""
+        """Every stream in ``active`` decodes up to B tokens; one batched forward per token (or per draft).
+
+        A stream steps while it has no stop reason and fewer than B block tokens.
+        """
+        b = self.settings.block_size
         for k in active:
             states[k].block, states[k].block_hidden, states[k].stop_reason = [], [], None
             states[k].block_start_logits = next_logits[k].clone()
+            states[k].banned = None
         self.steps.start_block()
         with self.steps.hooks():
-            for _ in range(self.settings.block_size):
-                rows = [k for k in active if states[k].stop_reason is None]
+            while True:
+                rows = [k for k in active if states[k].stop_reason is None and len(states[k].block) < b]
                 if not rows:
                     break
-                self.decode_step(states, rows, round, cache, next_logits)
+                if self.speculator is not None:
+                    self.speculator.step(states, rows, round, cache, next_logits)
+                else:
+                    self.decode_step(states, rows, round, cache, next_logits)
 
     def decode_step(
         self, states: list[StreamState], rows: list[int], round: int, cache: StreamKVCache, next_logits: torch.Tensor
@@ -312,6 +341,8 @@ class MultiStreamDecoder:
         for i, k in enumerate(rows):
             states[k].block_hidden.append(hidden[i])
         self.telemetry.decoded_tokens += len(rows)
+        self.telemetry.forwards += 1
+        self.telemetry.stream_forwards += len(rows)
 
     @torch.no_grad()
     def judge(

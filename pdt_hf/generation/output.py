@@ -4,6 +4,11 @@ Throughput is reported three ways, over the same wall time (``timings["total"]``
 the decoder's start to its end; an outline pass that writes the plan comes before it and is not included):
 committed tokens/s (what the answer holds), decoded tokens/s (every token the trunk wrote, rolled-back ones
 included) and the rollback share (rolled-back tokens / decoded tokens, DESIGN.md's rollback rate).
+
+Speculative decoding (``generate(speculate=...)``) is counted in draft tokens proposed and accepted and in decode
+forwards: ``forwards`` batched forwards after the prefill, ``stream_forwards`` the streams in them summed, so
+``tokens_per_forward`` (decoded tokens / stream forwards) is exactly 1 without drafts and 1 + the accepted drafts
+per stream forward with them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,28 @@ class Telemetry:
     (``generation.select.Selection.to_dict``); None without selection."""
     step_path: str = "fast"
     """Which decode step ran: "fast" or "reference" (``pdt_hf.generation.step``)."""
+    speculate: str | None = None
+    """Speculative decoding: "prompt-lookup", "draft", a custom proposer's class name, or None (off)."""
+    num_speculative_tokens: int = 0
+    """n, the most draft tokens a stream proposes per forward (0 when off)."""
+    draft_tokens: int = 0
+    """Draft tokens proposed (all streams)."""
+    accepted_draft_tokens: int = 0
+    """Draft tokens the trunk's verification accepted (each also counts in ``decoded_tokens``)."""
+    forwards: int = 0
+    """Batched decode forwards (one-token steps and verify forwards; prefills excluded)."""
+    stream_forwards: int = 0
+    """Streams per decode forward, summed over forwards (K per forward while all K streams run)."""
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens (0 when none were proposed)."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Decoded tokens per stream per decode forward: 1 without drafts (0 when nothing was decoded)."""
+        return self.decoded_tokens / self.stream_forwards if self.stream_forwards else 0.0
 
     @property
     def rollback_rate(self) -> float:
@@ -60,14 +87,20 @@ class Telemetry:
         return self._per_second(self.decoded_tokens)
 
     def summary(self) -> str:
-        """One line: committed and decoded tokens/s and the rollback share, as ``pdt generate`` ends with."""
+        """One line: committed and decoded tokens/s and the rollback share (and drafts), as ``pdt generate`` ends."""
         seconds = self.timings.get("total", 0.0)
-        return (
+        line = (
             f"{self.committed_tokens} committed tokens in {seconds:.1f}s: {self.committed_tokens_per_s:.1f} committed "
             f"tokens/s, {self.decoded_tokens_per_s:.1f} decoded tokens/s, rollback share "
             f"{100 * self.rollback_rate:.0f}% ({self.rolled_back_tokens} of {self.decoded_tokens} decoded tokens, "
             f"{len(self.rollbacks)} rollbacks)"
         )
+        if self.speculate is not None:
+            line += (
+                f"; {self.speculate} drafts: {self.accepted_draft_tokens} of {self.draft_tokens} accepted "
+                f"({100 * self.acceptance_rate:.0f}%), {self.tokens_per_forward:.2f} tokens per stream forward"
+            )
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +118,14 @@ class Telemetry:
             "interrupted": self.interrupted,
             "selection": self.selection,
             "step_path": self.step_path,
+            "speculate": self.speculate,
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "draft_tokens": self.draft_tokens,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "forwards": self.forwards,
+            "stream_forwards": self.stream_forwards,
+            "tokens_per_forward": self.tokens_per_forward,
         }
 
 

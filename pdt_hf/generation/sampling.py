@@ -3,6 +3,13 @@
 Processors are applied per stream with that stream's own token history
 (``[1, len]``), because streams have different lengths; the same
 ``LogitsProcessorList`` objects users pass to ``generate`` work unchanged.
+
+The speculative acceptance rule for a draft that is a point mass (prompt lookup, a greedy draft model) lives
+here too, next to the sampling it must leave unchanged: with p the processed next-token distribution, draft
+token t is accepted with probability p(t) (``accept_draft``); on rejection the next token is drawn from the
+residual, p with t removed and renormalised (``residual_scores``: t's score set to -inf before the softmax).
+Accept-or-residual then gives token x with probability p(t)[x = t] + (1 - p(t)) p(x) / (1 - p(t)) [x != t]
+= p(x): sampling with drafts writes what sampling without them would, in distribution.
 """
 
 from __future__ import annotations
@@ -17,6 +24,24 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+
+def accept_draft(probs: torch.Tensor, token: int, uniform: float | torch.Tensor) -> bool:
+    """Point-mass draft rule: accept ``token`` iff ``uniform < probs[token]``, ``probs`` ``[V]``, uniform in [0, 1).
+
+    For ``uniform`` drawn from U[0, 1) this accepts with probability exactly ``probs[token]``.
+    """
+    return bool(uniform < probs[token])
+
+
+def residual_scores(scores: torch.Tensor, token: int) -> torch.Tensor:
+    """Scores ``[..., V]`` whose softmax is the residual of a rejected point-mass draft ``token`` (a copy).
+
+    ``softmax(residual_scores(s, t)) = p with p(t) set to 0, renormalised``, where ``p = softmax(s)``.
+    """
+    out = scores.clone()
+    out[..., token] = float("-inf")
+    return out
 
 
 @dataclass
@@ -58,11 +83,20 @@ class TokenChooser:
         else:
             self.generator.seed()
 
-    def choose(self, history: torch.Tensor, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """``history`` ``[1, len]``, ``logits`` ``[V]`` -> (token, processed scores ``[1, V]``)."""
-        scores = self.processors(history, logits.float().unsqueeze(0)) if self.processors else logits.float()[None]
+    def scores(self, history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Processed scores ``[1, V]`` of next-token ``logits`` ``[V]`` after ``history`` ``[1, len]``."""
+        return self.processors(history, logits.float().unsqueeze(0)) if self.processors else logits.float()[None]
+
+    def choose(
+        self, history: torch.Tensor, logits: torch.Tensor, banned: int | None = None
+    ) -> tuple[int, torch.Tensor]:
+        """``history`` ``[1, len]``, ``logits`` ``[V]`` -> (token, processed scores ``[1, V]``).
+
+        ``banned``: a rejected draft token; sampling then draws from the residual (``residual_scores``).
+        """
+        scores = self.scores(history, logits)
         if self.settings.do_sample:
-            probs = torch.softmax(scores, dim=-1)
+            probs = torch.softmax(scores if banned is None else residual_scores(scores, banned), dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         else:
             token = int(scores.argmax(dim=-1))

@@ -17,6 +17,9 @@ Design decisions:
   (``ROWWISE_PROCESSORS``); any other processor keeps that stream's own history. Greedy picks take
   ``max(...).indices`` (the first maximum, as ``argmax``); sampling draws one row at a time from the same
   generator, in stream order, as the reference does.
+- Speculative decoding (``generation.speculate``) adds verify forwards of T > 1 tokens per row
+  (``forward_chunk``): every token of a row reads the notes of that row's one-token step (``chunk_notes``
+  repeats the block's read T times), and the sidecar delta takes the reference path for them.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ..bus import NoteBus
 from ..sidecars.context import PackedNotes
 from ..sidecars.decode_step import SidecarDecodeStep
-from .sampling import TokenChooser
+from .sampling import TokenChooser, residual_scores
 
 __all__ = ["ROWWISE_PROCESSORS", "StepRunner", "reference_step", "reference_step_active"]
 
@@ -78,6 +82,7 @@ class StepRunner:
         self._no_history = torch.zeros(1, 0, dtype=torch.long, device=self.device)
         self._rows: list[int] | None = None
         self._notes: tuple[PackedNotes | None, list[int]] = (None, [])
+        self._read = None
 
     def start_block(self) -> None:
         """A new block: the bus may hold new notes, so the next ``notes`` call reads it again."""
@@ -91,26 +96,40 @@ class StepRunner:
 
     # ------------------------------------------------------------------ token choice
     def choose(
-        self, rows: list[int], next_logits: torch.Tensor, history: Callable[[int], torch.Tensor]
+        self,
+        rows: list[int],
+        next_logits: torch.Tensor,
+        history: Callable[[int], torch.Tensor],
+        banned: list[int | None] | None = None,
     ) -> tuple[list[int], list[torch.Tensor]]:
         """Next token of each stream in ``rows`` from ``next_logits`` [K, V]; also each row's scores [1, V].
 
         ``history(k)`` gives stream k's ids [1, len] for processors that read them (reference path).
+        ``banned``: per row, a rejected draft token to sample around (``sampling.residual_scores``), or None.
         """
+        banned = banned if banned is not None else [None] * len(rows)
         if not self.batched_choice:
-            picks = [self.chooser.choose(history(k), next_logits[k]) for k in rows]
+            picks = [self.chooser.choose(history(k), next_logits[k], b) for k, b in zip(rows, banned)]
             return [t for t, _ in picks], [s for _, s in picks]
         contiguous = rows == list(range(len(rows)))
-        scores = (next_logits[: len(rows)] if contiguous else next_logits[rows]).float()  # [A, V]
-        if self.chooser.processors:
-            scores = self.chooser.processors(self._no_history.expand(len(rows), 0), scores)
+        scores = self.process(next_logits[: len(rows)] if contiguous else next_logits[rows])  # [A, V]
         rows_scores = list(scores.split(1))  # A x [1, V]
         if self.chooser.settings.do_sample:
             gen = self.chooser.generator
-            tokens = [int(torch.multinomial(torch.softmax(s, dim=-1), 1, generator=gen)) for s in rows_scores]
+            tokens = [
+                int(torch.multinomial(torch.softmax(s if b is None else residual_scores(s, b), -1), 1, generator=gen))
+                for s, b in zip(rows_scores, banned)
+            ]
         else:
             tokens = scores.max(dim=-1).indices.tolist()  # argmax (first maximum too), several times faster on CPU
         return tokens, rows_scores
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """Row-wise processors on logits ``[N, V]`` (batched choice only: no processor reads the history)."""
+        scores = logits.float()
+        if self.chooser.processors:
+            scores = self.chooser.processors(self._no_history.expand(scores.shape[0], 0), scores)
+        return scores
 
     # ------------------------------------------------------------------ notes
     def notes(self, bus, rows: list[int], round: int) -> tuple[PackedNotes | None, list[int]]:
@@ -124,7 +143,15 @@ class StepRunner:
         if self.fast:
             self.sidecar_step.bind(rows, bus, read)
             self._rows, self._notes = list(rows), (notes, counts)
+        self._read = read
         return notes, counts
+
+    def chunk_notes(self, bus, tokens_per_row: int) -> PackedNotes | None:
+        """The last ``notes`` read with each row repeated for ``tokens_per_row`` query tokens (row a*T + t)."""
+        if self._read is None:
+            return None
+        read = NoteBus.expand(self._read, tokens_per_row)
+        return PackedNotes(bus, read.indices, read.offsets)
 
     # ------------------------------------------------------------------ forward
     def forward(self, rows: list[int], tokens: list[int], notes: PackedNotes | None, cache, step_masks):
@@ -140,3 +167,10 @@ class StepRunner:
                 compute_heads=False,
                 **kw,
             )
+
+    def forward_chunk(self, rows: list[int], ids: torch.Tensor, notes: PackedNotes | None, cache, step_masks):
+        """One batched forward of ``ids`` [A, T] (T tokens per row, right-padded by the caller); see ``forward``."""
+        streams = torch.tensor(rows, device=self.device)
+        with cache.step(streams, ids.shape[1]) as kw:
+            kw = step_masks(self.model.trunk.config, kw)
+            return self.model(input_ids=ids, stream_ids=streams, notes=notes, cache=cache, compute_heads=False, **kw)

@@ -1,4 +1,5 @@
-"""The ``pdt`` command: ``pdt budget``, ``pdt generate``; each subcommand lives with the code it drives.
+"""The ``pdt`` command (``budget``, ``generate``, ``data``, ``eval``, ``bench``, ``calibrate-rollback``); each
+subcommand lives with the code it drives.
 
 Bad input surfaces as a ``ValueError`` or ``OSError`` whose message names the
 value and the fix; :func:`main` prints that message (and the first line of a
@@ -44,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_eval_parsers
     from .generation.cli import add_generate_parser
     from .training.cli import add_data_parser
+    from .training.rollback_cli import add_calibrate_rollback_parser
 
     add_generate_parser(sub)
     add_data_parser(sub)
     add_eval_parsers(sub)
+    add_calibrate_rollback_parser(sub)
     return parser
 
 

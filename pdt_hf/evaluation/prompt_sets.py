@@ -7,9 +7,10 @@ Design decisions:
   ==========================  ============================================================================
   nothing (default)           the test split of the shipped ``pdt_hf/resources/prompts.txt``, decided by
                               the same hash as ``pdt data build`` with its default seed, so no prompt a
-                              sidecar was trained on is evaluated
+                              sidecar was trained on is evaluated (``split`` picks another split)
   a built data-set folder     its ``test/*.parquet`` shards (folder holding ``pdt_dataset.json``): the
                               ``prompt``, ``plan`` and ``plan_source`` columns, i.e. the teacher's plans
+                              (``split`` picks another split's shards)
   ``*.txt``                   one prompt a line
   ``*.jsonl``                 one object a line with a ``"prompt"`` field and an optional ``"plan"`` (a
                               list of section titles or an ``"a; b; c"`` string)
@@ -68,12 +69,14 @@ def pad_plan(prompt: str, plan: Sequence[str] | None, k: int) -> tuple[list[str]
 Raw = list[tuple[str, list[str] | None, str]]
 
 
-def _default_items() -> Raw:
-    from ..training.data.config import DataBuildConfig
+def _default_items(split: str) -> Raw:
+    from ..training.data.config import SPLITS, DataBuildConfig
     from ..training.data.sources import load_prompts, split_prompts
 
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is unknown; the shipped prompts are split into {list(SPLITS)}.")
     config = DataBuildConfig()
-    return [(prompt, None, "") for prompt in split_prompts(load_prompts(config), config)["test"]]
+    return [(prompt, None, "") for prompt in split_prompts(load_prompts(config), config)[split]]
 
 
 def _dataset_items(directory: str, split: str) -> Raw:
@@ -122,6 +125,8 @@ def load_eval_items(
 ) -> list[EvalItem]:
     """Prompts and K-item plans from ``source`` (see the module docstring), first ``limit`` of them.
 
+    ``split`` (train, validation or test) applies to the shipped prompts and to data-set folders.
+
     Raises:
         FileNotFoundError / ValueError: naming the path or line that cannot be read and what to pass instead.
     """
@@ -130,7 +135,7 @@ def load_eval_items(
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit={limit!r} must be a positive integer or None (all prompts).")
     if source is None:
-        raw = _default_items()
+        raw = _default_items(split)
     elif os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, _DATASET_MANIFEST)):
             raise FileNotFoundError(

@@ -15,12 +15,20 @@ Design decisions:
   only when the rollback decision's precision beats the divergent base rate by a clear margin, judged by the
   lower end of its 95% Wilson interval (``precision_low - base_rate >= calibration.min_precision_gain``).
   Otherwise calibration writes tau = 0 (rollback off; the head is still scored) and says so in the summary.
+- Gain labels (``pdt calibrate-rollback``, ``training.rollback_gain``): a block's gain is NLL(original) -
+  NLL(regenerated) under the lag-consistent teacher, and rolling it back *pays* when ``gain > rollback_cost``
+  (``calibration.rollback_cost``, nats/token), so the label and the net benefit use one number. tau maximises
+  ``benefit(tau) = sum over blocks with score < tau of (gain - cost)`` among the taus that roll back at most
+  ``calibration.max_rollback_share`` of the blocks (ties keep the smaller tau); it is 0 (rollback off) when no
+  tau has a positive benefit, and when the decision fails :func:`rollback_pays` against the gain labels: one
+  rule for both kinds of labels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ..sidecars.context import DenseNotes
@@ -31,8 +39,12 @@ from .objective import PDTObjective, block_states, concat_notes
 __all__ = [
     "agreement_report",
     "ceiling_closed",
+    "choose_rollback_threshold",
     "choose_threshold",
     "evaluate_split",
+    "gain_decision_report",
+    "net_benefit",
+    "rollback_labels",
     "rollback_pays",
     "wilson_interval",
 ]
@@ -185,4 +197,126 @@ def rollback_pays(report: dict[str, float], min_precision_gain: float) -> dict[s
         "base_rate": report["divergent_rate"],
         "gain_low": gain,
         "min_precision_gain": min_precision_gain,
+    }
+
+
+def _check(scores, gains, cost: float) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    g = _check_gains(gains, cost)
+    if s.size == 0 or s.size != g.size:
+        raise ValueError(f"got {s.size} scores and {g.size} gains; pass one score and one gain per block.")
+    if not np.all(np.isfinite(s)) or s.min() < 0.0 or s.max() > 1.0:
+        raise ValueError(
+            f"scores span [{float(s.min())!r}, {float(s.max())!r}]; pass agreement scores in [0, 1] (after sigmoid)."
+        )
+    return s, g
+
+
+def _check_gains(gains, cost: float) -> np.ndarray:
+    g = np.asarray(gains, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(g)):
+        raise ValueError("gains hold NaN or inf; every block needs a finite NLL(original) - NLL(regenerated).")
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0.0 <= cost < float("inf"):
+        raise ValueError(f"rollback_cost={cost!r} must be a finite number >= 0 nats/token, e.g. 0.05.")
+    return g
+
+
+def rollback_labels(gains, cost: float) -> np.ndarray:
+    """bool ``[N]``: rolling the block back pays, ``gain > cost``."""
+    return _check_gains(gains, cost) > cost
+
+
+def net_benefit(scores, gains, tau: float, cost: float) -> float:
+    """``sum(gain - cost)`` over the blocks rolled back at ``tau`` (``score < tau``), nats/token summed."""
+    s, g = _check(scores, gains, cost)
+    return float((g[s < tau] - cost).sum())
+
+
+def _candidates(s: np.ndarray) -> list[float]:
+    """0 (nothing rolled back) and one tau per distinct score, just above it (midway to the next one or to 1)."""
+    values = np.unique(s)
+    above = np.append(values[1:], 1.0)
+    taus = [float((a + b) / 2) for a, b in zip(values, above) if a < 1.0]
+    return [0.0, *taus]
+
+
+def choose_rollback_threshold(
+    scores, gains, cost: float, max_share: float, min_precision_gain: float
+) -> dict[str, object]:
+    """tau with the largest net benefit within the rollback budget, else 0 (module docstring).
+
+    Returns ``{"tau", "candidate_tau", "net_benefit", "rollback_share", "reason", "rollback_decision", ...}``:
+    ``candidate_tau`` is the best tau before the ``rollback_pays`` check, ``tau`` the one to store.
+    """
+    s, g = _check(scores, gains, cost)
+    if not (isinstance(max_share, (int, float)) and 0.0 < max_share <= 1.0):
+        raise ValueError(f"max_rollback_share={max_share!r} must be in (0, 1], e.g. 0.25 (a quarter of the blocks).")
+    if not (isinstance(min_precision_gain, (int, float)) and 0.0 <= min_precision_gain <= 1.0):
+        raise ValueError(f"min_precision_gain={min_precision_gain!r} must be in [0, 1], e.g. 0.1.")
+    best_tau, best = 0.0, 0.0
+    for tau in _candidates(s):
+        rolled = s < tau
+        if rolled.mean() > max_share + 1e-12:
+            break  # candidates are increasing, so the share only grows
+        value = float((g[rolled] - cost).sum())
+        if value > best + 1e-12:
+            best_tau, best = tau, value
+    pays = g > cost
+    decision = rollback_pays(
+        agreement_report(torch.tensor(s), torch.tensor(~pays).float(), best_tau), min_precision_gain
+    )
+    if best_tau == 0.0:
+        tau, reason = 0.0, "no tau within the budget has a positive net benefit: rollback off"
+    elif not decision["pays"]:
+        tau = 0.0
+        reason = (
+            f"tau {best_tau:.3f} has a positive net benefit but its precision's lower bound "
+            f"{decision['precision_low']:.3f} does not beat the base rate {decision['base_rate']:.3f} by "
+            f"{min_precision_gain}: rollback off"
+        )
+    else:
+        tau, reason = best_tau, f"tau {best_tau:.3f}: net benefit {best:.3f} over {s.size} blocks"
+    return {
+        "tau": float(tau),
+        "candidate_tau": float(best_tau),
+        "net_benefit": best,
+        "net_benefit_per_block": best / s.size,
+        "rollback_share": float((s < best_tau).mean()),
+        "reason": reason,
+        "rollback_decision": decision,
+        "rollback_cost": float(cost),
+        "max_rollback_share": float(max_share),
+        "min_precision_gain": float(min_precision_gain),
+    }
+
+
+def gain_decision_report(scores, gains, tau: float, cost: float) -> dict[str, object]:
+    """The rollback decision ``score < tau`` against the gain labels (``gain > cost``) of the same blocks.
+
+    Precision/recall/F1 of "roll back" against "rollback pays", the rollback and paying shares, the mean gain
+    (of all and of the rolled-back blocks), the net benefit, and the ECE (10 bins, bins for a reliability plot)
+    and Brier score of ``1 - score`` as the probability that rolling the block back pays.
+    """
+    from ..evaluation.metrics import calibration
+
+    s, g = _check(scores, gains, cost)
+    pays = g > cost
+    rep = agreement_report(torch.tensor(s), torch.tensor(~pays).float(), tau)
+    rolled = s < tau
+    cal = calibration(1.0 - s, pays.astype(int), n_bins=10)
+    return {
+        "blocks": int(s.size),
+        "tau": float(tau),
+        "precision": rep["precision"],
+        "recall": rep["recall"],
+        "f1": rep["f1"],
+        "rollback_share": float(rolled.mean()),
+        "pays_share": float(pays.mean()),
+        "gain_positive_share": float((g > 0).mean()),
+        "mean_gain": float(g.mean()),
+        "mean_gain_rolled_back": float(g[rolled].mean()) if rolled.any() else None,
+        "net_benefit": float((g[rolled] - cost).sum()),
+        "ece": cal["ece"],
+        "brier": cal["brier"],
+        "bins": {k: cal[k] for k in ("bin_counts", "bin_confidence", "bin_accuracy")},
     }

@@ -137,10 +137,30 @@ class CalibrationConfig:
             "the divergent base rate by this much; otherwise write tau = 0 (rollback off)."
         },
     )
+    rollback_cost: float = field(
+        default=0.05,
+        metadata={
+            "help": "Price of one rollback in nats/token of teacher NLL (`pdt calibrate-rollback`): a rollback "
+            "pays when the regenerated block's NLL is lower than the original's by more than this."
+        },
+    )
+    max_rollback_share: float = field(
+        default=0.25,
+        metadata={"help": "Rollback budget: the most blocks, as a share of all blocks, that tau may roll back."},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_precision_gain <= 1.0:
             raise ValueError(f"calibration.min_precision_gain must be in [0, 1], got {self.min_precision_gain!r}.")
+        if not 0.0 <= self.rollback_cost < float("inf"):
+            raise ValueError(
+                f"calibration.rollback_cost must be a finite number >= 0 nats/token, got {self.rollback_cost!r}; "
+                "e.g. 0.05."
+            )
+        if not 0.0 < self.max_rollback_share <= 1.0:
+            raise ValueError(
+                f"calibration.max_rollback_share must be in (0, 1], got {self.max_rollback_share!r}; e.g. 0.25."
+            )
         for split in [self.split, *self.report_splits]:
             if split not in SPLITS:
                 raise ValueError(f"calibration split {split!r} is unknown; splits are {list(SPLITS)}.")

@@ -10,6 +10,8 @@ Design decisions:
 - Sibling dependence: the same section is scored again with the student's own context (no earlier sections);
   the per-token KL between the two teacher distributions over the full teacher's top-k buckets says how much
   the section depends on sibling content. It weights the note-usage loss.
+- ``token_nlls`` scores given sections after given contexts the same way (one forward, LM head only where a
+  section token is predicted); ``training.rollback_gain`` compares a block with its regeneration with it.
 - Per-round contexts (the lag-consistent teacher, ``generation.text_bus``): block r of a section is scored in
   the context it was written in. Consecutive blocks with the same context share one forward over
   ``[context | section[:end]]`` (``_round_hidden``), so a context that never changes costs one forward, as in
@@ -134,6 +136,25 @@ class Teacher:
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[P, d]`` hidden states -> ``[P, V]`` fp32 log-probs."""
         return torch.log_softmax(trunk_logits(self.model, hidden).float(), dim=-1)
+
+    @torch.no_grad()
+    def token_nlls(
+        self, contexts: list[list[int]], sections: list[list[int]], batch_rows: int = 8
+    ) -> list[torch.Tensor]:
+        """Per-token NLL ``[S]`` (nats, fp32) of each section read after its context, ``batch_rows`` rows a forward.
+
+        The LM head runs only at the S positions that predict section tokens.
+        """
+        out = []
+        for first in range(0, len(contexts), batch_rows):
+            ctxs, secs = contexts[first : first + batch_rows], sections[first : first + batch_rows]
+            hidden, offsets = self._forward(ctxs, secs)
+            for h, offset, ctx, sec in zip(hidden, offsets, ctxs, secs):
+                start = offset + len(ctx)
+                logp = self._logprobs(h[start - 1 : start - 1 + len(sec)])  # [S, V]
+                ids = torch.tensor(sec, device=logp.device)[:, None]  # [S, 1]
+                out.append(-logp.gather(-1, ids)[:, 0].cpu())
+        return out
 
     @torch.no_grad()
     def score(

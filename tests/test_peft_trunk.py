@@ -194,3 +194,20 @@ def test_missing_peft_names_the_extra(saved, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
     with pytest.raises(ImportError, match=r"PEFT adapter .*adapter'.*pip install 'pdt-hf\[peft\]'"):
         PDTForCausalLM.from_pretrained(adapter_dir)
+
+
+def test_the_embedded_trunk_id_never_asks_the_hub_for_an_adapter(monkeypatch) -> None:
+    """A sidecar's base pointer to the embedded SmolLM2 must not stall offline on an adapter lookup."""
+    import transformers.utils
+
+    from pdt_hf.trunk.loading import EMBEDDED_MODEL_ID
+    from pdt_hf.trunk.peft import find_adapter
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked for an adapter_config.json")
+
+    monkeypatch.setattr(transformers.utils, "find_adapter_config_file", no_hub)
+    assert find_adapter(EMBEDDED_MODEL_ID) is None
+    assert find_adapter(f"embedded:{EMBEDDED_MODEL_ID}") is None
+    with pytest.raises(AssertionError, match="the Hub was asked"):  # other Hub ids are still looked up
+        find_adapter("someone/some-lora")

@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from .architectures import UnsupportedTrunkError
+from .loading import is_embedded
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -64,6 +65,8 @@ def find_adapter(name_or_path: str | os.PathLike | None, revision: str | None = 
     if name_or_path is None:
         return None
     name = os.fspath(name_or_path)
+    if is_embedded(name):  # the embedded trunk is a GGUF file, never an adapter: no Hub lookup (offline stall)
+        return None
     if os.path.isdir(name):
         return name if os.path.isfile(os.path.join(name, ADAPTER_CONFIG)) else None
     if os.path.exists(name) or name.count("/") > 1:

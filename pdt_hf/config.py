@@ -51,6 +51,14 @@ class PDTConfig:
     instrument_every: int = field(default=4, metadata={"help": "Stride of the default instrumented layers."})
     read_own_notes: bool = field(default=False, metadata={"help": "Whether a stream reads its own notes."})
     note_capacity: int = field(default=512, metadata={"help": "Most notes the bus can hold during one generate."})
+    synthesis: bool = field(
+        default=False,
+        metadata={
+            "help": "Give the adapters one more slot, index num_streams, for the synthesis (combiner) stream that "
+            "reads every stream's notes after the sections and writes the conclusion (generate(synthesis=True)); "
+            "trained by the curriculum's synthesis stage."
+        },
+    )
     adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "Per-stream adapters."})
     snc: SNCConfig = field(default_factory=SNCConfig, metadata={"help": "Gated note cross-attention."})
     heads: HeadsConfig = field(default_factory=HeadsConfig, metadata={"help": "Notes/planner/coverage/... heads."})
@@ -108,11 +116,18 @@ class PDTConfig:
                 f"trunk_adapter must be None or a dict with at least 'name_or_path' (the PEFT adapter's directory or "
                 f"Hub id), got {self.trunk_adapter!r}; PDTForCausalLM.from_pretrained fills it for PEFT trunks."
             )
+        if not isinstance(self.synthesis, bool):
+            raise ValueError(f"synthesis must be true or false, got {self.synthesis!r}.")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"pdt_config.json format_version {self.format_version!r} is not supported "
                 f"(this pdt-hf reads version {FORMAT_VERSION}); re-save the sidecar with a matching pdt-hf."
             )
+
+    @property
+    def synthesis_stream(self) -> int:
+        """Stream id of the synthesis slot (``num_streams``); valid only when ``synthesis`` is true."""
+        return self.num_streams
 
     # ------------------------------------------------------------------ trunk-dependent values
     def resolve(self, trunk_config: object) -> PDTConfig:

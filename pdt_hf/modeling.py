@@ -171,11 +171,20 @@ class PDTForCausalLM(nn.Module):
         """Write ``pdt_config.json`` and ``sidecar.safetensors`` (sidecar weights only) atomically."""
         save_sidecar(save_directory, self.pdt_config.to_json_string(), self.sidecar.state_dict())
 
-    def load_sidecar(self, directory: str | os.PathLike) -> None:
-        """Load sidecar weights saved for this trunk; a fingerprint mismatch names the differing field."""
-        PDTConfig.from_pretrained(directory).resolve(self.trunk.config)
-        tensors = load_sidecar_weights(directory, self.sidecar.state_dict())
-        self.sidecar.load_state_dict(tensors, strict=True)
+    def load_sidecar(self, directory: str | os.PathLike, add_synthesis: bool = False) -> None:
+        """Load sidecar weights saved for this trunk; a fingerprint mismatch names the differing field.
+
+        ``add_synthesis``: this sidecar has a synthesis slot (``PDTConfig.synthesis``) and ``directory`` may hold
+        one saved without it; the slot then keeps its fresh (identity) initialisation, every other tensor is
+        loaded (how the curriculum's synthesis stage starts from a trained sidecar, ``train.init_sidecar``).
+        """
+        saved = PDTConfig.from_pretrained(directory)
+        saved.resolve(self.trunk.config)
+        expected = self.sidecar.state_dict()
+        if add_synthesis and not saved.synthesis:
+            expected = {k: v for k, v in expected.items() if ".synthesis_" not in k}
+        tensors = load_sidecar_weights(directory, expected)
+        self.sidecar.load_state_dict(tensors, strict=len(expected) == len(self.sidecar.state_dict()))
 
     # ------------------------------------------------------------------ sidecar switching
     def unload(self) -> PreTrainedModel:
@@ -218,10 +227,12 @@ class PDTForCausalLM(nn.Module):
         stream_ids = torch.as_tensor(stream_ids, dtype=torch.long, device=device)
         if stream_ids.ndim != 1 or stream_ids.shape[0] != batch_size:
             raise ValueError(f"stream_ids must have shape [{batch_size}], got {tuple(stream_ids.shape)}.")
-        if stream_ids.numel() and (int(stream_ids.min()) < 0 or int(stream_ids.max()) >= self.pdt_config.num_streams):
+        slots = self.pdt_config.num_streams + int(self.pdt_config.synthesis)
+        if stream_ids.numel() and (int(stream_ids.min()) < 0 or int(stream_ids.max()) >= slots):
+            extra = f", and {slots - 1} for the synthesis stream" if self.pdt_config.synthesis else ""
             raise ValueError(
                 f"stream_ids {stream_ids.tolist()} out of range: this sidecar has num_streams="
-                f"{self.pdt_config.num_streams} (ids 0..{self.pdt_config.num_streams - 1})."
+                f"{self.pdt_config.num_streams} (ids 0..{self.pdt_config.num_streams - 1}{extra})."
             )
         self.sidecar.context = SidecarContext(stream_ids=stream_ids, notes=notes, token_mask=token_mask)
         return self.sidecar.context
@@ -299,10 +310,16 @@ class PDTForCausalLM(nn.Module):
             cache=output_cache(outputs),
             note=note,
             speculated_note=heads.speculation(note),
-            planner_note=heads.planner(hidden, mask, ctx.stream_ids),
+            planner_note=self._planner_notes(hidden, mask, ctx.stream_ids),
             coverage_logits=coverage_logits,
             agreement_logits=heads.agreement(pooled, summary, own_coverage, note),
         )
+
+    def _planner_notes(self, hidden: torch.Tensor, mask: torch.Tensor | None, streams: torch.Tensor) -> torch.Tensor:
+        """Planner notes ``[N, d_note]``; zeros for rows of the synthesis stream, which has no plan item."""
+        k = self.pdt_config.num_streams
+        notes = self.sidecar.heads.planner(hidden, mask, streams.clamp(max=k - 1))
+        return torch.where((streams < k)[:, None], notes, torch.zeros_like(notes))
 
     # ------------------------------------------------------------------ generation
     generate = multi_stream_generate

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .visibility import SNAPSHOT_ROUND, csr_from_mask, expand_csr, pad_csr, visible_mask
+from .visibility import SNAPSHOT_ROUND, csr_from_mask, expand_csr, pad_csr, synthesis_mask, visible_mask
 
 __all__ = ["NoteBus", "NoteBusFullError", "NoteBusState", "NoteRead", "PaddedNoteRead", "ReadRecord"]
 
@@ -309,7 +309,20 @@ class NoteBus:
     def read(self, reader_streams: torch.Tensor, round: int) -> NoteRead:
         """The notes every reader in ``reader_streams`` [A] sees while decoding ``round``, packed as CSR."""
         readers = torch.as_tensor(reader_streams).to(device=self.device, dtype=torch.long).reshape(-1)  # [A]
-        indices, offsets, counts = csr_from_mask(self.visible(readers, round))
+        return self._packed(self.visible(readers, round), readers, round)
+
+    def read_synthesis(self) -> NoteRead:
+        """What the synthesis stream reads once every stream has finished: every stored note (``synthesis_mask``).
+
+        One reader row, stream id ``num_streams`` (the synthesis slot), at round ``last_round + 1``; the read is
+        recorded like any other (``record``/``on_read``).
+        """
+        readers = torch.tensor([self.num_streams], device=self.device)  # [1]
+        round = max(self.state().last_round, 0) + 1
+        return self._packed(synthesis_mask(self.streams, self.num_streams), readers, round)
+
+    def _packed(self, mask: torch.Tensor, readers: torch.Tensor, round: int) -> NoteRead:
+        indices, offsets, counts = csr_from_mask(mask)
         result = NoteRead(indices=indices, offsets=offsets, counts=counts, reader_streams=readers, round=round)
         if self.record or self.on_read is not None:
             record = ReadRecord(

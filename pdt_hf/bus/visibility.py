@@ -12,6 +12,9 @@ Design decisions:
   within a round); within one stream and round the later-published row is newer. Snapshot notes count toward W
   and, having the lowest effective round, are the first to fall out of it.
 - Everything is vectorised over readers and notes (two stable sorts and one cumulative sum, no Python loop).
+- The synthesis (combiner) stream reads after every stream has committed its last block: it sees every stored
+  note of every stream, snapshot notes included, with no lag (all are committed) and no window
+  (``synthesis_mask``). It publishes nothing, so no stream ever reads it.
 - A read is packed CSR: ``indices`` [nnz] (note rows, ascending within a reader) and ``offsets`` [A+1]; reader
   ``a`` owns ``indices[offsets[a]:offsets[a+1]]``. ``expand_csr`` repeats each row T times for T query tokens,
   ``pad_csr`` gives the [A, W] padded form with a mask.
@@ -43,6 +46,7 @@ __all__ = [
     "expand_csr",
     "lagged_visible",
     "pad_csr",
+    "synthesis_mask",
     "visible_mask",
 ]
 
@@ -134,6 +138,24 @@ def visible_mask(
     mask = torch.empty_like(keep)
     mask[:, order] = keep
     return mask
+
+
+def synthesis_mask(note_stream: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """Which notes the synthesis stream sees: every note of streams ``0..K-1``, any round, no window.
+
+    Args:
+        note_stream: int tensor [N], the stream that published each note.
+        num_streams: K, the section streams.
+
+    Returns:
+        bool tensor [1, N] (one reader)::
+
+            note stream   0  1  2  0  1  2  0  2
+            note round    0  0  0  1  1  1  2  2
+            visible       y  y  y  y  y  y  y  y
+    """
+    stream = note_stream.to(dtype=torch.long).reshape(1, -1)  # [1, N]
+    return (stream >= 0) & (stream < num_streams)
 
 
 def age_order(eff_round: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:

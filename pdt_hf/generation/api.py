@@ -34,11 +34,12 @@ from .plan import (
     skeleton_prompt_ids,
     streams_for_plan,
 )
-from .prompts import render_ids, split_stream_prompts, stream_message
+from .prompts import render_ids, split_stream_prompts, stream_message, synthesis_message
 from .sampling import SamplingSettings, TokenChooser
 from .select import scoring_rows, select_plan
 from .speculate import DraftProposer, make_proposer
 from .streamer import MultiStreamStreamer
+from .synthesis import DEFAULT_SYNTHESIS_TOKENS
 
 logger = logging.getLogger(__name__)
 _OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -121,6 +122,8 @@ def multi_stream_generate(
     speculate: str | DraftProposer | None = None,
     num_speculative_tokens: int | None = None,
     draft_model: torch.nn.Module | None = None,
+    synthesis: bool = False,
+    synthesis_max_new_tokens: int | None = None,
 ) -> MultiStreamOutput:
     """Write ``num_streams`` sections of one answer in parallel (see DESIGN.md, "Generation").
 
@@ -150,8 +153,31 @@ def multi_stream_generate(
     trunk's vocabulary) lets every stream propose up to ``num_speculative_tokens`` tokens (default
     ``DEFAULT_SPECULATIVE_TOKENS``), never past its block's end; all streams verify in one batched forward.
     Greedy output equals the output without drafts; sampling keeps its distribution (point-mass acceptance).
+
+    Synthesis (``synthesis=True``, ``generation.synthesis``): after the K streams finish, one more stream (the
+    sidecar's synthesis slot, ``PDTConfig.synthesis``) reads every stream's notes, and none of their text,
+    under the prompt and a fixed conclusion heading (``prompts.synthesis_message``), and writes up to
+    ``synthesis_max_new_tokens`` (default ``DEFAULT_SYNTHESIS_TOKENS``) tokens; ``output.synthesis`` holds
+    them and ``output.answer`` ends with them.
     """
     cfg = model.pdt_config
+    if not isinstance(synthesis, bool):
+        raise ValueError(f"synthesis must be True or False, got {synthesis!r}.")
+    if synthesis and not cfg.synthesis:
+        raise ValueError(
+            "synthesis=True needs a sidecar with a synthesis slot, and this one has none (pdt_config.json "
+            "synthesis: false). Train the curriculum's synthesis stage on it (docs/training.md, `pdt data "
+            "synthesis` then recipes/train.py with pdt.synthesis: true), or build an untrained sidecar with "
+            "PDTConfig(synthesis=True)."
+        )
+    if synthesis_max_new_tokens is not None:
+        if not synthesis:
+            raise ValueError(
+                f"synthesis_max_new_tokens={synthesis_max_new_tokens!r} is only used with synthesis=True; add it "
+                "or drop synthesis_max_new_tokens."
+            )
+        _check_positive("synthesis_max_new_tokens", synthesis_max_new_tokens)
+    synthesis_tokens = (synthesis_max_new_tokens or DEFAULT_SYNTHESIS_TOKENS) if synthesis else 0
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("multi-stream generate needs a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...).")
@@ -186,6 +212,7 @@ def multi_stream_generate(
         fast_attention=fast_attention,
         speculate=speculate_name,
         num_speculative_tokens=speculative_tokens,
+        synthesis_max_new_tokens=synthesis_tokens,
     )
     for name in ("block_size", "commit_horizon", "note_window", "max_new_tokens"):
         _check_positive(name, getattr(settings, name))
@@ -258,6 +285,16 @@ def multi_stream_generate(
             f"stream {longest} (shared prefix {len(prefix)} + suffix {len(suffixes[longest])} tokens)",
             _stream_fix(limit, tokens, max_new_tokens),
         )
+    synthesis_ids = None
+    if synthesis:
+        synthesis_ids = render_ids(tokenizer, synthesis_message(prompt, plan))
+        check_fits(
+            limit,
+            len(synthesis_ids),
+            synthesis_tokens,
+            "the synthesis stream",
+            "shorten the prompt (or plan) or lower synthesis_max_new_tokens (--synthesis-max-new-tokens)",
+        )
     device = next(model.trunk.parameters()).device
     eos = model.trunk.generation_config.eos_token_id if model.trunk.generation_config is not None else None
     eos = eos if eos is not None else tokenizer.eos_token_id
@@ -272,7 +309,7 @@ def multi_stream_generate(
         record_reads=record_reads,
         proposer=proposer,
     )
-    output = decoder.run(plan, stream_prompts, prefix, suffixes)
+    output = decoder.run(plan, stream_prompts, prefix, suffixes, synthesis_ids=synthesis_ids)
     output.bus = decoder.bus
     if selection is not None:
         output.telemetry.selection = selection.to_dict()

@@ -25,6 +25,9 @@ Design decisions:
   the static layout (no per-step concatenation) unless the cascade attention path serves the steps.
 - Telemetry counts committed and decoded tokens and times prefill, decode and total, so a caller gets
   committed tokens/s, decoded tokens/s and the rollback share from ``MultiStreamOutput.telemetry``.
+- ``generate(synthesis=True)``: once every stream has finished, ``synthesis.write_synthesis`` runs one more
+  stream (the sidecar's synthesis slot) that reads every committed note and no section text, and its
+  conclusion is appended to the answer.
 - Speculative decoding (``speculate=...``) replaces the one-token step of a block by ``speculate.Speculator``'s
   draft-and-verify step; a block still ends after B tokens (or a stop), so the judging, rollback and publishing
   of blocks are the same with and without drafts.
@@ -50,6 +53,7 @@ from .sampling import TokenChooser
 from .speculate import DraftProposer, Speculator
 from .step import StepRunner, reference_step_active
 from .streamer import MultiStreamStreamer
+from .synthesis import write_synthesis
 
 
 @dataclass
@@ -78,6 +82,8 @@ class DecodeSettings:
     """Speculative decoding: the proposer's name ("prompt-lookup", "draft", ...), or None (one token per step)."""
     num_speculative_tokens: int = 0
     """n, the most draft tokens a stream proposes per forward."""
+    synthesis_max_new_tokens: int = 0
+    """Most tokens of the synthesis stream (used when ``run`` is given its prompt)."""
 
 
 def sliding_window_of(config) -> int | None:
@@ -364,8 +370,14 @@ class MultiStreamDecoder:
 
     # ------------------------------------------------------------------ the loop
     def run(
-        self, plan: list[str], stream_prompts: list[list[int]], prefix: list[int], suffixes: list[list[int]]
+        self,
+        plan: list[str],
+        stream_prompts: list[list[int]],
+        prefix: list[int],
+        suffixes: list[list[int]],
+        synthesis_ids: list[int] | None = None,
     ) -> MultiStreamOutput:
+        """Decode the streams; with ``synthesis_ids`` (the synthesis stream's prompt) then write the conclusion."""
         s = self.settings
         self._t0 = time.perf_counter()
         states = [StreamState(ids) for ids in stream_prompts]
@@ -374,12 +386,14 @@ class MultiStreamDecoder:
         self.bus = self.make_bus(planner_notes)
         self.steps = StepRunner(self.model, self.chooser, s.use_notes, fast=self.fast_step)
         fast = self.fast_attention()
-        round = 0
+        round, synthesis = 0, None
         try:
             with stream_attention(self.model.trunk, cache) if fast else nullcontext():
                 while any(st.finish_reason is None for st in states):
                     round += 1
                     self.run_round(states, round, cache, next_logits, planner_notes)
+            if synthesis_ids is not None:
+                synthesis = write_synthesis(self, cache, prefix, synthesis_ids, s.synthesis_max_new_tokens)
         except KeyboardInterrupt:
             self.telemetry.interrupted = True
         finally:
@@ -395,13 +409,20 @@ class MultiStreamDecoder:
             self.tokenizer.decode(st.committed, skip_special_tokens=True).strip() if self.tokenizer else ""
             for st in states
         ]
+        if synthesis is not None:
+            self.telemetry.synthesis_tokens = len(synthesis.ids)
+            self.telemetry.synthesis_notes_read = synthesis.notes_read
+            self.telemetry.timings["synthesis"] = synthesis.seconds
         return MultiStreamOutput(
             sequences=[st.committed for st in states],
             texts=texts,
-            answer="\n\n".join(t for t in texts if t),
+            answer="\n\n".join(t for t in [*texts, synthesis.text if synthesis else ""] if t),
             plan=plan,
             finish_reasons=[st.finish_reason or "interrupted" for st in states],
             telemetry=self.telemetry,
+            synthesis_ids=synthesis.ids if synthesis is not None else None,
+            synthesis=synthesis.text if synthesis is not None else None,
+            synthesis_finish_reason=synthesis.finish_reason if synthesis is not None else None,
         )
 
     def run_round(

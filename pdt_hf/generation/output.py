@@ -56,6 +56,10 @@ class Telemetry:
     """Batched decode forwards (one-token steps and verify forwards; prefills excluded)."""
     stream_forwards: int = 0
     """Streams per decode forward, summed over forwards (K per forward while all K streams run)."""
+    synthesis_tokens: int = 0
+    """Tokens the synthesis stream wrote (``generate(synthesis=True)``; 0 without it); not in ``committed_tokens``."""
+    synthesis_notes_read: int = 0
+    """Notes the synthesis stream read (every note of every stream); 0 without synthesis."""
 
     @property
     def acceptance_rate(self) -> float:
@@ -95,6 +99,8 @@ class Telemetry:
             f"{100 * self.rollback_rate:.0f}% ({self.rolled_back_tokens} of {self.decoded_tokens} decoded tokens, "
             f"{len(self.rollbacks)} rollbacks)"
         )
+        if self.synthesis_tokens:
+            line += f"; synthesis {self.synthesis_tokens} tokens reading {self.synthesis_notes_read} notes"
         if self.speculate is not None:
             line += (
                 f"; {self.speculate} drafts: {self.accepted_draft_tokens} of {self.draft_tokens} accepted "
@@ -126,13 +132,17 @@ class Telemetry:
             "forwards": self.forwards,
             "stream_forwards": self.stream_forwards,
             "tokens_per_forward": self.tokens_per_forward,
+            "synthesis_tokens": self.synthesis_tokens,
+            "synthesis_notes_read": self.synthesis_notes_read,
         }
 
 
 @dataclass
 class MultiStreamOutput(ModelOutput):
     """``sequences``: per-stream committed token ids; ``texts``: per-stream text; ``answer``: sections
-    assembled in plan order; ``plan``: the section prompts; ``telemetry``: :class:`Telemetry`."""
+    assembled in plan order (then the synthesis, if any); ``plan``: the section prompts; ``telemetry``:
+    :class:`Telemetry`; ``synthesis_ids`` / ``synthesis`` / ``synthesis_finish_reason``: what the synthesis
+    stream wrote (``generate(synthesis=True)``), None without it."""
 
     sequences: list[list[int]] | None = None
     texts: list[str] | None = None
@@ -140,3 +150,6 @@ class MultiStreamOutput(ModelOutput):
     plan: list[str] | None = None
     finish_reasons: list[str] | None = None
     telemetry: Telemetry | None = None
+    synthesis_ids: list[int] | None = None
+    synthesis: str | None = None
+    synthesis_finish_reason: str | None = None

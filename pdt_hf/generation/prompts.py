@@ -10,6 +10,10 @@ trunk, and the rest of each rendering is that stream's suffix::
               ^ prefilled once, no sidecar  ^ per-stream cache, sidecars active
 
 Training uses the same split so a token sees the same context in both.
+
+The synthesis stream's prompt is the same request and plan with a fixed conclusion heading in place of a
+plan item (``synthesis_message``); it shares the streams' prefix up to where the item starts and holds no
+section text: what it knows of the sections comes only through the notes it reads.
 """
 
 from __future__ import annotations
@@ -19,11 +23,26 @@ from collections.abc import Sequence
 from transformers import PreTrainedTokenizerBase
 
 SECTION_INSTRUCTION = '{prompt}\n\nThe answer has these sections: {plan}.\nWrite only the section "{item}".'
+SYNTHESIS_HEADING = "Conclusion"
+"""Heading of the synthesis stream's section (the conclusion that ties the sections together)."""
+SYNTHESIS_TASK = "a short synthesis that ties the sections together, in a few sentences"
+"""What the synthesis stream is asked to write under its heading."""
+SYNTHESIS_INSTRUCTION = (
+    '{prompt}\n\nThe answer has these sections: {plan}.\nWrite only the section "{heading}": {task}.'
+)
 
 
 def stream_message(prompt: str, plan: Sequence[str], item: str) -> str:
     """The user message for one stream: the whole request, the plan, and which section to write."""
     return SECTION_INSTRUCTION.format(prompt=prompt.strip(), plan="; ".join(plan), item=item)
+
+
+def synthesis_message(prompt: str, plan: Sequence[str]) -> str:
+    """The synthesis stream's user message (``SYNTHESIS_INSTRUCTION``): the request, the plan and the
+    conclusion heading with what to write under it; no section text."""
+    return SYNTHESIS_INSTRUCTION.format(
+        prompt=prompt.strip(), plan="; ".join(plan), heading=SYNTHESIS_HEADING, task=SYNTHESIS_TASK
+    )
 
 
 def render_ids(tokenizer: PreTrainedTokenizerBase, message: str) -> list[int]:

@@ -1,7 +1,9 @@
 """The sidecar: every trainable PDT module, as one ``nn.Module``.
 
 ``PDTSidecar`` holds an adapter and an SNC layer per instrumented decoder layer
-and the five heads. It is a child of the wrapper, so ``.to()``,
+and the five heads. With ``config.synthesis`` every adapter has one more slot,
+index ``num_streams``, for the synthesis stream (family ``synthesis``; the
+``adapters`` family is the K section slots). It is a child of the wrapper, so ``.to()``,
 ``state_dict()``, DDP and FSDP see it. Its :meth:`layer_delta` is what the
 forward hook adds to a decoder layer's output.
 """
@@ -17,7 +19,7 @@ from .context import DenseNotes, PackedNotes, SidecarContext
 from .heads.layer import PDTHeads
 from .snc.layer import NoteCrossAttention
 
-SIDECAR_FAMILIES = ("adapters", "snc", "heads")
+SIDECAR_FAMILIES = ("adapters", "snc", "heads", "synthesis")
 
 
 class PDTSidecar(nn.Module):
@@ -30,7 +32,7 @@ class PDTSidecar(nn.Module):
         self.config = config
         layers = [str(i) for i in config.instrumented_layers]
         self.adapters = nn.ModuleDict(
-            {i: StreamAdapter(hidden_size, config.num_streams, config.adapter) for i in layers}
+            {i: StreamAdapter(hidden_size, config.num_streams, config.adapter, config.synthesis) for i in layers}
         )
         self.snc = nn.ModuleDict({i: NoteCrossAttention(hidden_size, config.d_note, config.snc) for i in layers})
         self.heads = PDTHeads(hidden_size, config.d_note, config.num_streams, config.heads)
@@ -69,10 +71,20 @@ class PDTSidecar(nn.Module):
         return hidden + (delta if mask is None else delta * mask)
 
     def family_parameters(self, family: str) -> list[nn.Parameter]:
-        """Parameters of one family: ``adapters``, ``snc``, ``heads`` or ``heads.<name>``."""
+        """Parameters of one family: ``adapters`` (the K section slots), ``synthesis`` (the synthesis slot),
+        ``snc``, ``heads`` or ``heads.<name>``."""
         root, _, sub = family.partition(".")
         if root not in SIDECAR_FAMILIES:
             raise ValueError(f"unknown sidecar family {family!r}; use one of {SIDECAR_FAMILIES} or heads.<name>.")
+        if root == "adapters":
+            return [p for adapter in self.adapters.values() for p in adapter.section_parameters()]
+        if root == "synthesis":
+            if not self.config.synthesis:
+                raise ValueError(
+                    "this sidecar has no synthesis slot (PDTConfig.synthesis is false); set pdt.synthesis: true "
+                    "to train the synthesis stage."
+                )
+            return [p for adapter in self.adapters.values() for p in adapter.synthesis_parameters()]
         module = getattr(self, root)
         if sub:
             if not hasattr(module, sub):

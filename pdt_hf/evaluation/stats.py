@@ -36,6 +36,24 @@ def _as_values(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     return array
 
 
+def _resampled_indices(n: int, n_resamples: int, confidence: float, seed: int):
+    """Yield ``[rows, n]`` index chunks, ``n_resamples`` rows in all, drawn with replacement from ``range(n)``."""
+    if not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"n_resamples={n_resamples!r} must be a positive integer (1000 is usual).")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence!r} must be strictly between 0 and 1, e.g. 0.95.")
+    rng = np.random.default_rng(seed)
+    rows_per_chunk = max(1, _MAX_INDICES_PER_CHUNK // n)
+    for start in range(0, n_resamples, rows_per_chunk):
+        yield rng.integers(0, n, size=(min(rows_per_chunk, n_resamples - start), n))  # [rows, N]
+
+
+def _percentiles(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(samples, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
 def bootstrap_ci(
     values: Sequence[float] | np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
@@ -51,21 +69,9 @@ def bootstrap_ci(
         ``(mean, low, high)``; for one value all three are that value.
     """
     array = _as_values(values, "values")
-    if not isinstance(n_resamples, int) or n_resamples < 1:
-        raise ValueError(f"n_resamples={n_resamples!r} must be a positive integer (1000 is usual).")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence={confidence!r} must be strictly between 0 and 1, e.g. 0.95.")
-    rng = np.random.default_rng(seed)
-    n = array.size
-    rows_per_chunk = max(1, _MAX_INDICES_PER_CHUNK // n)
-    means = np.empty(n_resamples, dtype=np.float64)  # [n_resamples]
-    for start in range(0, n_resamples, rows_per_chunk):
-        rows = min(rows_per_chunk, n_resamples - start)
-        indices = rng.integers(0, n, size=(rows, n))  # [rows, N]
-        means[start : start + rows] = array[indices].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(array.mean()), float(low), float(high)
+    chunks = _resampled_indices(array.size, n_resamples, confidence, seed)
+    means = np.concatenate([array[indices].mean(axis=1) for indices in chunks])  # [n_resamples]
+    return (float(array.mean()), *_percentiles(means, confidence))
 
 
 def paired_difference(
@@ -106,16 +112,8 @@ def ratio_ci(
         raise ValueError(f"numerator has {top.size} items and denominator {bottom.size}; pass one pair per item.")
     if bottom.sum() == 0:
         raise ValueError("the denominator sums to 0, so the ratio is undefined; check the per-item totals.")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence={confidence!r} must be strictly between 0 and 1, e.g. 0.95.")
-    rng = np.random.default_rng(seed)
-    n = top.size
-    rows_per_chunk = max(1, _MAX_INDICES_PER_CHUNK // n)
     ratios = []
-    for start in range(0, n_resamples, rows_per_chunk):
-        indices = rng.integers(0, n, size=(min(rows_per_chunk, n_resamples - start), n))  # [rows, N]
+    for indices in _resampled_indices(top.size, n_resamples, confidence, seed):
         num, den = top[indices].sum(axis=1), bottom[indices].sum(axis=1)
         ratios.append(num[den != 0] / den[den != 0])
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(np.concatenate(ratios), [alpha, 1.0 - alpha])
-    return float(top.sum() / bottom.sum()), float(low), float(high)
+    return (float(top.sum() / bottom.sum()), *_percentiles(np.concatenate(ratios), confidence))

@@ -22,8 +22,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.panel import Panel
 
+from .prompts import SYNTHESIS_HEADING
 from .speculate import DEFAULT_SPECULATIVE_TOKENS
 from .streamer import MultiStreamStreamer
+from .synthesis import DEFAULT_SYNTHESIS_TOKENS
 
 SHIPPED_SIDECAR = "sidecar-smollm2-135m"
 
@@ -155,7 +157,30 @@ def check_arguments(args: argparse.Namespace) -> list[str] | None:
     if args.json is not None:
         check_json_path(args.json)
     check_speculative_flags(args)
+    check_synthesis_flags(args)
     return plan
+
+
+def check_synthesis_flags(args: argparse.Namespace, sidecar: str | None = None) -> None:
+    """``--synthesis-max-new-tokens`` needs ``--synthesis``; ``--synthesis`` needs a sidecar with the slot.
+
+    ``sidecar`` is the directory that will load (``--sidecar`` or the shipped one); None checks only the flags.
+    """
+    if not args.synthesis and args.synthesis_max_new_tokens is not None:
+        raise ValueError(
+            f"--synthesis-max-new-tokens {args.synthesis_max_new_tokens} is only used by the synthesis stream: add "
+            "--synthesis or drop it."
+        )
+    if args.synthesis and sidecar is not None:
+        from ..config import PDTConfig
+
+        if not PDTConfig.from_pretrained(sidecar).synthesis:
+            raise ValueError(
+                f"--synthesis needs a sidecar with a synthesis slot, and {sidecar} has none (its pdt_config.json "
+                "has synthesis: false). Train the synthesis stage for it (docs/training.md: `pdt data synthesis`, "
+                "then recipes/train.py with pdt.synthesis: true and a synthesis stage) and pass --sidecar DIR, or "
+                "drop --synthesis."
+            )
 
 
 def check_speculative_flags(args: argparse.Namespace) -> None:
@@ -195,6 +220,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from ..config import PDTConfig
     from ..modeling import PDTForCausalLM
 
     plan = check_arguments(args)
@@ -209,8 +235,10 @@ def _run_generate(args: argparse.Namespace) -> int:
             "[yellow]No trained sidecar given: the sidecar is untrained (identity), so the streams are "
             "plain parallel decoding with no learned coordination.[/yellow]"
         )
+    check_synthesis_flags(args, sidecar)
     start = time.perf_counter()
-    model = PDTForCausalLM.from_pretrained(args.model, sidecar=sidecar)
+    fresh = PDTConfig(synthesis=True) if args.synthesis and sidecar is None else None
+    model = PDTForCausalLM.from_pretrained(args.model, sidecar=sidecar, config=fresh)
     model.eval()
     console.print(
         f"loaded {model.pdt_config.base_model_name_or_path} in {time.perf_counter() - start:.1f}s; "
@@ -244,6 +272,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                 speculate=args.speculate,
                 num_speculative_tokens=args.num_speculative_tokens,
                 draft_model=draft_model,
+                synthesis=args.synthesis,
+                synthesis_max_new_tokens=args.synthesis_max_new_tokens,
             )
         except (ValueError, OSError):
             live.transient = True  # refused before any text: clear the empty panels, leave only the message
@@ -262,6 +292,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     console.rule("answer")
     for item, text in zip(plan, output.texts):
         console.print(f"[bold]{item}[/bold]\n{text}\n")
+    if output.synthesis is not None:
+        console.print(
+            f"[bold]{SYNTHESIS_HEADING} (synthesis stream, read the notes only)[/bold]\n{output.synthesis}\n"
+        )
     console.print(f"{t.summary()}, {len(plan)} streams")
     if args.json:
         record = {
@@ -271,6 +305,8 @@ def _run_generate(args: argparse.Namespace) -> int:
             "answer": output.answer,
             "sequences": output.sequences,
             "finish_reasons": output.finish_reasons,
+            "synthesis": output.synthesis,
+            "synthesis_ids": output.synthesis_ids,
             "telemetry": t.to_dict(),
         }
         try:
@@ -349,6 +385,19 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--draft-model", default=None, help="with --speculate draft: a small model sharing the trunk's vocabulary"
+    )
+    p.add_argument(
+        "--synthesis",
+        action="store_true",
+        help="after the sections, one more stream reads every stream's notes (no section text) and writes a "
+        "conclusion that ties them together, appended to the answer; needs a sidecar trained with the synthesis "
+        "stage (default: off)",
+    )
+    p.add_argument(
+        "--synthesis-max-new-tokens",
+        type=positive_int,
+        default=None,
+        help=f"with --synthesis: most tokens of the conclusion (default: {DEFAULT_SYNTHESIS_TOKENS})",
     )
     p.add_argument("--json", default=None, help="also write the output and telemetry to this JSON file")
     p.set_defaults(func=run_generate)

@@ -8,6 +8,12 @@ the example's shared ``prefix`` is kept apart, read once by the bare trunk::
 
 Section-indexed tensors (``labels``, ``kd_*``, ``pred_block``, ``dependence``) have width L = longest section;
 block-indexed ones (``note_targets``, ``coverage``) have R = most blocks. Rounds follow :mod:`..rounds`.
+
+With ``synthesis=True`` (examples joined with their conclusions, ``data.synthesis.load_synthesis``) each
+example also gets one synthesis row, a whole row read with the sidecar masked off the prompt part::
+
+    prefix[:n] (bare trunk) | synthesis suffix  c_0 .. c_{C-1} <pad> ...      width T
+                              ^ synthesis_mask (slot K, every note) ^ synthesis_pred_pos[e, 0] predicts c_0
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 from .data.schema import NoteProjection
 from .rounds import NO_NOTES_ROUND, predicted_blocks, section_query_rounds, state_positions
 
-__all__ = ["TrainBatch", "collate"]
+__all__ = ["TrainBatch", "collate", "collate_synthesis"]
 
 
 @dataclass
@@ -49,6 +55,12 @@ class TrainBatch:
     coverage: torch.Tensor  # [N, R, K] 0/1 labels
     num_streams: int
     block_size: int
+    synthesis_input: torch.Tensor | None = None  # [E, T] prefix[:n] + synthesis suffix + conclusion, right padded
+    synthesis_mask: torch.Tensor | None = None  # [E, T] positions the sidecar acts on (suffix + conclusion)
+    synthesis_pred_pos: torch.Tensor | None = None  # [E, C] position predicting conclusion token i
+    synthesis_labels: torch.Tensor | None = None  # [E, C] conclusion tokens, -100 on padding
+    synthesis_kd_ids: torch.Tensor | None = None  # [E, C, k]
+    synthesis_kd_logprobs: torch.Tensor | None = None  # [E, C, k]
 
     @property
     def num_examples(self) -> int:
@@ -68,10 +80,45 @@ class TrainBatch:
         return TrainBatch(**moved)
 
 
+def collate_synthesis(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """The ``synthesis_*`` fields of a batch (module docstring) from examples joined with their conclusions."""
+    prefixes = [list(ex["prefix_ids"][: ex["synthesis_prefix_len"]]) for ex in examples]
+    stems = [p + list(ex["synthesis_suffix_ids"]) for p, ex in zip(prefixes, examples)]
+    conclusions = [list(ex["conclusion_ids"]) for ex in examples]
+    e = len(examples)
+    width = max(len(a) + len(b) for a, b in zip(stems, conclusions))
+    c_width = max(max(len(c) for c in conclusions), 1)
+    top_k = next((len(ex["conclusion_kd_ids"][0]) for ex in examples if ex["conclusion_kd_ids"]), 1)
+    out = {
+        "synthesis_input": torch.full((e, width), pad_id, dtype=torch.long),
+        "synthesis_mask": torch.zeros((e, width), dtype=torch.bool),
+        "synthesis_pred_pos": torch.zeros((e, c_width), dtype=torch.long),
+        "synthesis_labels": torch.full((e, c_width), -100, dtype=torch.long),
+        "synthesis_kd_ids": torch.zeros((e, c_width, top_k), dtype=torch.long),
+        "synthesis_kd_logprobs": torch.zeros((e, c_width, top_k)),
+    }
+    for i, (prefix, stem, conclusion, ex) in enumerate(zip(prefixes, stems, conclusions, examples)):
+        m, length = len(stem), len(conclusion)
+        out["synthesis_input"][i, : m + length] = torch.tensor(stem + conclusion, dtype=torch.long)
+        out["synthesis_mask"][i, len(prefix) : m + length] = True
+        if length:
+            out["synthesis_pred_pos"][i, :length] = torch.arange(length) + m - 1
+            out["synthesis_labels"][i, :length] = torch.tensor(conclusion)
+            out["synthesis_kd_ids"][i, :length] = torch.tensor(ex["conclusion_kd_ids"], dtype=torch.long)
+            out["synthesis_kd_logprobs"][i, :length] = torch.tensor(ex["conclusion_kd_logprobs"])
+    return out
+
+
 def collate(
-    examples: list[dict], projection: NoteProjection, num_streams: int, block_size: int, pad_id: int
+    examples: list[dict],
+    projection: NoteProjection,
+    num_streams: int,
+    block_size: int,
+    pad_id: int,
+    synthesis: bool = False,
 ) -> TrainBatch:
-    """Pad ``examples`` (rows of a built split) into a :class:`TrainBatch` (CPU tensors)."""
+    """Pad ``examples`` (rows of a built split) into a :class:`TrainBatch` (CPU tensors); ``synthesis`` also
+    collates their conclusions (``collate_synthesis``)."""
     rows = [(e, k) for e in range(len(examples)) for k in range(num_streams)]
     for ex in examples:
         if len(ex["section_ids"]) != num_streams:
@@ -142,4 +189,5 @@ def collate(
         coverage=coverage,
         num_streams=num_streams,
         block_size=block_size,
+        **(collate_synthesis(examples, pad_id) if synthesis else {}),
     )

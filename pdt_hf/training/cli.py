@@ -1,6 +1,9 @@
 """``pdt data build --config recipe.yaml [key=value ...]``: build the distillation data set of a recipe.
 
-``pdt data ceiling --config recipe.yaml``: the three-teacher measurement (``data/ceiling.py``)."""
+``pdt data ceiling --config recipe.yaml``: the three-teacher measurement (``data/ceiling.py``).
+
+``pdt data synthesis --config recipe.yaml``: add the teacher's conclusions, the synthesis stage's targets
+(``data/synthesis.py``)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,16 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synthesis(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .data.synthesis import build_synthesis
+
+    recipe = load_recipe(args.config, args.overrides)
+    path = build_synthesis(recipe, progress=not args.no_progress)
+    print(f"conclusions ready in {path}/synthesis")
+    return 0
+
+
 def _ceiling(args: argparse.Namespace) -> int:
     from .data.ceiling import run_ceiling_command
 
@@ -26,7 +39,7 @@ def _ceiling(args: argparse.Namespace) -> int:
 
 
 def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``pdt data`` (``build``, ``ceiling``) on the ``pdt`` command's subparsers."""
+    """Register ``pdt data`` (``build``, ``synthesis``, ``ceiling``) on the ``pdt`` command's subparsers."""
     data = subparsers.add_parser("data", help="build the teacher-distillation data set for training")
     sub = data.add_subparsers(dest="data_command", required=True)
     build = sub.add_parser(
@@ -39,6 +52,18 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.build.max_prompts.train=32")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.set_defaults(func=_build)
+    synthesis = sub.add_parser(
+        "synthesis",
+        help="teacher writes each prompt's conclusion after all its sections: the synthesis stage's targets",
+        description="For every row of a data set built by `pdt data build`, the serial teacher writes the "
+        "conclusion after the prompt, the plan and all sections' text (greedy tokens and top-k KD targets), into "
+        "resumable side shards under <data.path>/synthesis/ (the base shards are not touched). Rerunning after an "
+        "interruption skips the shards already written.",
+    )
+    synthesis.add_argument("--config", required=True, help="recipe YAML file, e.g. recipes/configs/smollm2-135m.yaml")
+    synthesis.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.synthesis.max_new_tokens=32")
+    synthesis.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    synthesis.set_defaults(func=_synthesis)
     ceiling = sub.add_parser(
         "ceiling",
         help="three teachers (serial, lag-consistent, isolated) on the same sections: the reachable gain of notes",

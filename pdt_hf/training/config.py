@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import PDTConfig
 from .configuration import ConfigError, apply_overrides, build_dataclass, load_yaml
-from .curriculum import StageConfig, validate_curriculum
+from .curriculum import SYNTHESIS_LOSSES, StageConfig, validate_curriculum
 from .data.config import SPLITS, DataConfig
 
 __all__ = ["CalibrationConfig", "LoopConfig", "ModelConfig", "RecipeConfig", "load_recipe", "recipe_from_dict"]
@@ -98,6 +98,14 @@ class LoopConfig:
     tensorboard: bool = field(default=True, metadata={"help": "Also write TensorBoard event files."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     run_stages: list[str] | None = field(default=None, metadata={"help": "Run only these stages (by name)."})
+    init_sidecar: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this trained sidecar directory instead of a fresh one (its pdt_config.json must "
+            "match the pdt section's shapes); a sidecar saved without a synthesis slot loads into pdt.synthesis: "
+            "true with a fresh slot, so run_stages: [synthesis] trains only that slot."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size", "save_every", "keep_checkpoints"):
@@ -183,6 +191,13 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         validate_curriculum(self.curriculum, self.train.run_stages)
+        for stage in self.curriculum:
+            uses = "synthesis" in stage.trainable or any(loss in SYNTHESIS_LOSSES for loss in stage.losses)
+            if uses and not self.pdt.synthesis:
+                raise ConfigError(
+                    f"stage {stage.name!r} trains the synthesis stream, but the sidecar has no synthesis slot; set "
+                    "pdt.synthesis: true (and build its data with `pdt data synthesis --config <recipe.yaml>`)."
+                )
 
     @property
     def stages(self) -> list[StageConfig]:
@@ -199,6 +214,7 @@ class RecipeConfig:
             data["train"].pop(key)
         data.pop("calibration")
         data["data"].pop("build")
+        data["data"].pop("synthesis")
         data["data"]["path"] = os.path.abspath(self.data.path)
         return data
 

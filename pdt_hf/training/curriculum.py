@@ -8,7 +8,10 @@ Design decisions:
   trainable family is reached by none of its losses (DDP would hang or error on it) or a weighted loss reaches
   no trainable family (it would train nothing).
 - Default stages follow DESIGN.md: 0 planner + notes heads, 1 stream adapters, 2 SNC + speculation head,
-  3 coverage + agreement heads.
+  3 coverage + agreement heads. An optional ``synthesis`` stage (family ``synthesis``, the adapters' slot
+  ``num_streams``; losses ``synthesis_lm``/``synthesis_kd``) trains the synthesis stream on the teacher's
+  conclusion while it reads every stream's notes; its losses take a stage of their own (their rows are another
+  forward than the section rows') and need ``notes_visible``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "FAMILIES",
     "LOSSES",
     "LOSS_REACH",
+    "SYNTHESIS_LOSSES",
     "StageConfig",
     "default_curriculum",
     "expand_families",
@@ -32,8 +36,10 @@ __all__ = [
 ]
 
 HEADS = ("notes", "planner", "coverage", "agreement", "speculation")
-FAMILIES = ("adapters", "snc", *(f"heads.{h}" for h in HEADS))
-LOSSES = ("lm", "kd", "notes", "planner", "speculation", "usage", "coverage", "agreement")
+FAMILIES = ("adapters", "snc", *(f"heads.{h}" for h in HEADS), "synthesis")
+SYNTHESIS_LOSSES = ("synthesis_lm", "synthesis_kd")
+"""Losses of the synthesis stream's rows (the teacher's conclusion, every stream's notes visible)."""
+LOSSES = ("lm", "kd", "notes", "planner", "speculation", "usage", "coverage", "agreement", *SYNTHESIS_LOSSES)
 
 LOSS_REACH: dict[str, tuple[str, ...]] = {
     "lm": ("adapters", "snc"),
@@ -44,10 +50,12 @@ LOSS_REACH: dict[str, tuple[str, ...]] = {
     "usage": ("snc", "adapters"),
     "coverage": ("heads.coverage",),
     "agreement": ("heads.agreement",),
+    "synthesis_lm": ("synthesis", "snc"),
+    "synthesis_kd": ("synthesis", "snc"),
 }
 """Families a loss's gradient can reach (SNC only when the stage shows notes)."""
 
-NOTE_GRAD_LOSSES = ("lm", "kd", "usage")
+NOTE_GRAD_LOSSES = ("lm", "kd", "usage", *SYNTHESIS_LOSSES)
 """Losses of the rows that read notes: with a stage's ``note_grad`` they also reach the notes and planner heads."""
 
 
@@ -125,6 +133,17 @@ class StageConfig:
             raise ValueError(
                 f"{where}: note_grad trains the heads behind the notes rows read; set notes_visible: true."
             )
+        synthesis = [loss for loss in self.losses if loss in SYNTHESIS_LOSSES]
+        if synthesis:
+            others = sorted(set(self.losses) - set(SYNTHESIS_LOSSES))
+            if others:
+                raise ValueError(
+                    f"{where} mixes the synthesis losses {synthesis} with {others}: the synthesis stream's rows are "
+                    "another forward than the section rows', and a step runs one forward with gradients; put the "
+                    "synthesis losses in a stage of their own."
+                )
+            if not self.notes_visible:
+                raise ValueError(f"{where}: the synthesis stream reads every stream's notes; set notes_visible: true.")
         if isinstance(self.gate_lr_scale, bool) or not isinstance(self.gate_lr_scale, (int, float)):
             raise ValueError(f"{where}: gate_lr_scale must be a number > 0, got {self.gate_lr_scale!r}.")
         if not self.gate_lr_scale > 0:

@@ -17,6 +17,10 @@ Design decisions:
   no-notes note pass (what a decoder publishes, one pass deep); ``teacher`` mode uses the projected teacher
   targets. Planner notes always come from the student's planner head on the stream suffix, which reads no
   notes (in decoding the prompt is prefilled before any note exists).
+- Synthesis losses (``synthesis_lm``/``synthesis_kd``, a stage of their own): the main pass is then the
+  synthesis rows, one per example (adapter slot ``num_streams``, prompt part read by the bare trunk), reading
+  every note its K streams published (planner notes and every block note of the note pass, no lag, no window,
+  as ``NoteBus.read_synthesis`` in decoding), scored against the teacher's conclusion.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ..trunk.architectures import base_model, trunk_logits
 from ..trunk.compat import cache_kwargs
 from .batch import TrainBatch
 from .config import LoopConfig
+from .curriculum import SYNTHESIS_LOSSES
 from .losses import (
     agreement_labels,
     block_means,
@@ -205,6 +210,8 @@ class PDTObjective(nn.Module):
         self, batch: TrainBatch, weights: dict[str, float], notes_visible: bool, note_grad: bool = False
     ) -> dict[str, torch.Tensor]:
         """Weighted losses of one batch; ``note_grad`` keeps the sibling notes' graph to the heads that wrote them."""
+        if set(weights) & set(SYNTHESIS_LOSSES):
+            return self.synthesis_forward(batch, weights, note_grad)
         heads, n, r = self.sidecar.heads, len(batch.stream_ids), batch.num_blocks
         prefix = self.prefix_kv(batch)
         notes = planner_in = None
@@ -258,6 +265,45 @@ class PDTObjective(nn.Module):
                 out.update(self._agreement(batch, kd_tok[:n], states, note_pred, cov_logits, notes))
         total = sum(weights[name] * out[name] for name in weights if name in out)
         out["loss"] = total
+        return out
+
+    # ------------------------------------------------------------------ the synthesis stream
+    def synthesis_notes(self, batch: TrainBatch, grad: bool = False, drop: bool = False) -> DenseNotes:
+        """Every note of each example's K streams for its synthesis row: ``notes [E, K (1 + R), d_note]``.
+
+        Planner notes first, then every block note, all visible to every token (no lag); ``drop`` marks all
+        invalid (the no-notes reference: SNC then gives an exact zero)."""
+        e, k, r = batch.num_examples, batch.num_streams, batch.num_blocks
+        planner, blocks, valid = self.note_pass(batch, self.prefix_kv(batch), grad=grad)
+        notes = torch.cat([planner.view(e, k, 1, -1), blocks.view(e, k, r, -1)], dim=2).float()  # [E, K, 1+R, d]
+        valid = torch.cat([torch.ones_like(valid.view(e, k, r)[..., :1]), valid.view(e, k, r)], dim=2)  # [E, K, 1+R]
+        valid = valid.flatten(1) & (not drop)  # [E, K (1+R)]
+        return DenseNotes(notes=notes.flatten(1, 2), note_valid=valid)
+
+    def synthesis_token_losses(self, batch: TrainBatch, notes: DenseNotes | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token KD and LM CE ``[E, C]`` of the synthesis rows reading ``notes`` (None: no notes)."""
+        if batch.synthesis_input is None:
+            raise ValueError(
+                "the synthesis losses need the teacher's conclusions in the batch: load the split with "
+                "data.synthesis.load_synthesis (run `pdt data synthesis --config <recipe.yaml>` first)."
+            )
+        model, device = self.model, batch.synthesis_input.device
+        e = batch.synthesis_input.shape[0]
+        streams = torch.full((e,), model.pdt_config.synthesis_stream, dtype=torch.long, device=device)
+        model.set_context(streams, e, notes, device, batch.synthesis_mask)
+        hidden = base_model(model.trunk)(input_ids=batch.synthesis_input, use_cache=False).last_hidden_state
+        pos = batch.synthesis_pred_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        logits = trunk_logits(model.trunk, hidden.gather(1, pos))  # [E, C, V]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        kd_tok = topk_bucket_kl(batch.synthesis_kd_logprobs, logp.gather(-1, batch.synthesis_kd_ids))
+        return kd_tok, section_cross_entropy(logits, batch.synthesis_labels)
+
+    def synthesis_forward(self, batch: TrainBatch, weights: dict[str, float], note_grad: bool) -> dict:
+        """The synthesis stage's losses: the synthesis rows' KD and LM on the teacher's conclusion."""
+        kd_tok, lm_tok = self.synthesis_token_losses(batch, self.synthesis_notes(batch, grad=note_grad))
+        mask = batch.synthesis_labels != -100
+        out = {"synthesis_kd": masked_mean(kd_tok, mask), "synthesis_lm": masked_mean(lm_tok, mask)}
+        out["loss"] = sum(weights[name] * out[name] for name in weights if name in out)
         return out
 
     def token_losses(

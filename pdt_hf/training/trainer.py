@@ -11,6 +11,10 @@ Design decisions:
   number of processes.
 - After the last stage, rank 0 calibrates tau on the validation split, writes the sidecar (with tau in its
   config), the evaluation report, ``summary.json`` and a PNG of the loss curves.
+- A run with a synthesis stage loads the teacher's conclusions next to the train split (``data.synthesis``,
+  a clear error when ``pdt data synthesis`` has not run) and reports, per split, the synthesis stream's KD
+  with every note, with no note, and of the bare trunk on the same rows. ``train.init_sidecar`` starts from a
+  trained sidecar, so a run of the synthesis stage alone trains only the new slot.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from .batch import collate
 from .calibration import agreement_report, ceiling_closed, choose_threshold, evaluate_split, rollback_pays
 from .checkpointing import TrainerState, latest_checkpoint, load_checkpoint, rng_tensors, save_checkpoint
 from .config import RecipeConfig
-from .curriculum import StageConfig, param_groups, set_trainable
+from .curriculum import SYNTHESIS_LOSSES, StageConfig, param_groups, set_trainable
 from .data.schema import check_compatible, load_manifest, load_projection, load_split
+from .data.synthesis import load_synthesis
 from .loading import load_pdt_model, load_trunk_and_tokenizer, reuse_prefix_kv
 from .metrics import MetricsLogger, plot_losses
 from .notes import check_window
@@ -129,6 +134,8 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
         trunk.train()  # checkpointing is only active in train mode; the trunk's weights stay frozen
     trunk_before = state_digest(trunk)
     model = load_pdt_model(trunk, pdt_cfg, name, recipe.model.revision, loop.sidecar_dtype)
+    if loop.init_sidecar is not None:
+        model.load_sidecar(loop.init_sidecar, add_synthesis=model.pdt_config.synthesis)
     cfg = model.pdt_config
     manifest = load_manifest(recipe.data.path)
     check_compatible(manifest, cfg, recipe.data.path)
@@ -140,11 +147,16 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
     )
     projection = load_projection(recipe.data.path)
     train_set = load_split(recipe.data.path, "train", manifest)
+    synthesis = any(set(s.losses) & set(SYNTHESIS_LOSSES) for s in recipe.stages)
+    if synthesis:
+        train_set = load_synthesis(recipe.data.path, "train", manifest, train_set)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     objective = PDTObjective(model, loop, reuse_prefix_kv(recipe.model, trunk.config), pad_id)
 
     def make_batch(examples: list[dict]):
-        return collate(examples, projection, cfg.num_streams, cfg.block_size, pad_id).to(accelerator.device)
+        joined = "conclusion_ids" in examples[0]
+        batch = collate(examples, projection, cfg.num_streams, cfg.block_size, pad_id, synthesis=joined)
+        return batch.to(accelerator.device)
 
     root = os.path.join(loop.output_dir, "checkpoints")
     state, opt_state, sched_state = TrainerState(), None, None
@@ -226,6 +238,8 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
     summary: dict = {}
     if main:
         summary = _finish(recipe, objective, model, manifest, make_batch, logger, start, world, digests)
+        if synthesis:
+            summary["synthesis"] = _synthesis_report(recipe, objective, model, manifest, make_batch)
         summary["trunk_unchanged"] = state_digest(trunk) == trunk_before
         summary["trunk_sha256"] = trunk_before
         _write_json(os.path.join(loop.output_dir, "summary.json"), summary)
@@ -261,6 +275,37 @@ def _save(accelerator, root, state, model, optimizer, scheduler, recipe) -> None
         )
         print(f"checkpoint step {state.global_step}", flush=True)
     accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def _synthesis_report(recipe, objective, model, manifest, make_batch, chunk: int = 4) -> dict:
+    """Per report split: the synthesis stream's token-mean KD/LM to the teacher's conclusion reading every note,
+    reading none, and the bare trunk on the same rows (the reachable reference of the slot)."""
+    cal, report = recipe.calibration, {}
+    for split in dict.fromkeys([cal.split, *cal.report_splits]):
+        if manifest["splits"][split]["num_shards"] == 0:
+            continue
+        data = load_synthesis(recipe.data.path, split, manifest, load_split(recipe.data.path, split, manifest))
+        count = len(data) if cal.max_examples is None else min(len(data), cal.max_examples)
+        sums, tokens = {}, 0.0
+        for first in range(0, count, chunk):
+            batch = make_batch([data[i] for i in range(first, min(first + chunk, count))])
+            mask = (batch.synthesis_labels != -100).float()
+            variants = {
+                "notes": objective.synthesis_notes(batch),
+                "no_notes": objective.synthesis_notes(batch, drop=True),
+            }
+            for name, notes in variants.items():
+                kd, lm = objective.synthesis_token_losses(batch, notes)
+                sums[f"kd_{name}"] = sums.get(f"kd_{name}", 0.0) + float((kd * mask).sum())
+                sums[f"lm_{name}"] = sums.get(f"lm_{name}", 0.0) + float((lm * mask).sum())
+            with model.disable_sidecars():
+                kd, lm = objective.synthesis_token_losses(batch, None)
+            sums["kd_bare_trunk"] = sums.get("kd_bare_trunk", 0.0) + float((kd * mask).sum())
+            sums["lm_bare_trunk"] = sums.get("lm_bare_trunk", 0.0) + float((lm * mask).sum())
+            tokens += float(mask.sum())
+        report[split] = {k: v / max(tokens, 1.0) for k, v in sums.items()} | {"tokens": tokens, "examples": count}
+    return report
 
 
 def _finish(recipe, objective, model, manifest, make_batch, logger, start, world, digests) -> dict:

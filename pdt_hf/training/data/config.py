@@ -91,14 +91,36 @@ class DataBuildConfig:
 
 
 @dataclass
+class SynthesisDataConfig:
+    """How ``pdt data synthesis`` adds the teacher's conclusion (the synthesis stream's target) to a built data set.
+
+    The teacher, its sampling settings and the KD top-k are those of ``data.build``.
+    """
+
+    max_new_tokens: int = field(default=48, metadata={"help": "Most tokens the teacher writes for the conclusion."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per batched teacher generate (left padding)."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.synthesis.{name} must be a positive integer, got {value!r}.")
+
+
+@dataclass
 class DataConfig:
     """Where the built data set lives and how it was built."""
 
     path: str = field(default="outputs/data", metadata={"help": "Directory of the built data set."})
     build: DataBuildConfig = field(default_factory=DataBuildConfig, metadata={"help": "pdt data build settings."})
+    synthesis: SynthesisDataConfig = field(
+        default_factory=SynthesisDataConfig, metadata={"help": "pdt data synthesis settings (the conclusions)."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.build, dict):
             self.build = DataBuildConfig(**self.build)
+        if isinstance(self.synthesis, dict):
+            self.synthesis = SynthesisDataConfig(**self.synthesis)
         if not self.path:
             raise ValueError("data.path must name a directory for the built data set.")

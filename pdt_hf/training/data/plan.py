@@ -8,6 +8,8 @@ Design decisions:
 - The serial teacher writes section k after the prompt, the plan and the sections before k. With no earlier
   section its message is exactly the student's stream message (``generation.prompts.stream_message``), so the
   first section's teacher context equals the student's.
+- The conclusion (the synthesis stream's target, ``data.synthesis``) is written by the serial teacher after
+  the prompt, the plan and every section's text (``conclusion_message``).
 - Coverage labels: a block covers its own stream's plan item; it also covers another item when it contains at
   least ``min_overlap`` of that item's content words (a lexical check, so redundancy is visible to the head).
 """
@@ -17,9 +19,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ...generation.prompts import SECTION_INSTRUCTION, stream_message
+from ...generation.prompts import (
+    SECTION_INSTRUCTION,
+    SYNTHESIS_HEADING,
+    SYNTHESIS_TASK,
+    stream_message,
+    synthesis_message,
+)
 
 __all__ = [
+    "conclusion_message",
     "content_words",
     "coverage_labels",
     "fallback_plan",
@@ -134,6 +143,17 @@ def serial_message(prompt: str, plan: Sequence[str], index: int, earlier: Sequen
     written = "\n\n".join(f"{plan[i]}:\n{text.strip()}" for i, text in enumerate(earlier))
     head = SECTION_INSTRUCTION.split("Write only", 1)[0].format(prompt=prompt.strip(), plan="; ".join(plan))
     return f'{head}Sections written so far:\n\n{written}\n\nWrite only the section "{plan[index]}".'
+
+
+def conclusion_message(prompt: str, plan: Sequence[str], sections: Sequence[str]) -> str:
+    """Serial-teacher message for the conclusion: the request, the plan, every section's text under its title,
+    and the synthesis stream's heading and task. With no sections it is exactly the synthesis stream's message
+    (``generation.prompts.synthesis_message``), as ``serial_message`` is the stream message for section 0."""
+    if not sections:
+        return synthesis_message(prompt, plan)
+    written = "\n\n".join(f"{plan[i]}:\n{text.strip()}" for i, text in enumerate(sections))
+    head = SECTION_INSTRUCTION.split("Write only", 1)[0].format(prompt=prompt.strip(), plan="; ".join(plan))
+    return f'{head}Sections written so far:\n\n{written}\n\nWrite only the section "{SYNTHESIS_HEADING}": {SYNTHESIS_TASK}.'
 
 
 def content_words(text: str) -> set[str]:

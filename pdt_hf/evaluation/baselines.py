@@ -18,6 +18,11 @@ method              what runs
                     re-prefilled with the siblings' committed text of rounds <= r - Δ
                     (``generation.text_bus``); greedy. The training-free upper reference for what notes could
                     carry, and a Hogwild!-style baseline; its telemetry reports the re-prefilled tokens per round
+``pdt-synthesis``   PDT as shipped, then the synthesis stream (``generate(synthesis=True)``): one more stream
+                    reads every stream's notes (no section text) and writes the conclusion, N tokens at most;
+                    its sections are ``pdt``'s (greedy), ``MethodRun.synthesis_ids`` holds the conclusion,
+                    which ``evaluate`` scores against the trunk writing it from the sections' text and from
+                    nothing (``run_conclusion``). Needs a sidecar with a synthesis slot; not a default method
 ``pdt-select``      PDT with stream selection (``generation.select``) from M = 2K candidates: the item's K plan
                     titles followed by K generic titles (``prompt_sets.pad_plan``), the K kept ones in candidate
                     order; ``MethodRun.plan`` is the kept plan, which the metrics then use. Keeping the K given
@@ -44,10 +49,13 @@ from ..training.data.config import DataBuildConfig
 from ..training.data.teacher import Teacher
 
 __all__ = [
+    "CONCLUSION_SOURCES",
+    "DEFAULT_EVAL_METHODS",
     "EVAL_METHODS",
     "PDT_METHODS",
     "PDT_VARIANTS",
     "MethodRun",
+    "run_conclusion",
     "run_method",
     "run_select",
     "run_serial",
@@ -63,9 +71,15 @@ PDT_VARIANTS: dict[str, dict[str, Any]] = {
     "pdt-notes-shuffle": {"use_notes": True, "rollback": True, "note_ablation": "shuffle"},
     "pdt-no-rollback": {"use_notes": True, "rollback": False},
 }
-EVAL_METHODS = ("serial", "sot", *PDT_VARIANTS, "pdt-text-bus", "pdt-select")
-PDT_METHODS = (*PDT_VARIANTS, "pdt-select")
+EVAL_METHODS = ("serial", "sot", *PDT_VARIANTS, "pdt-text-bus", "pdt-select", "pdt-synthesis")
+DEFAULT_EVAL_METHODS = tuple(m for m in EVAL_METHODS if m != "pdt-synthesis")
+"""What ``pdt eval`` runs unless ``--methods`` says otherwise (pdt-synthesis needs a sidecar with the slot)."""
+PDT_METHODS = (*PDT_VARIANTS, "pdt-select", "pdt-synthesis")
 """Methods that decode with the sidecar (coverage head, agreement calibration)."""
+CONCLUSION_SOURCES = ("pdt-synthesis", "trunk-from-sections", "trunk-from-nothing")
+"""Who writes the conclusion ``evaluate`` scores for the same answer: the synthesis stream (notes only), the
+bare trunk after the prompt, the plan and the sections' text (the quality reference), and the bare trunk after
+the prompt, the plan and the heading only (the synthesis stream's own prompt, with nothing to read)."""
 
 
 @dataclass
@@ -77,7 +91,7 @@ class MethodRun:
     rolled-back ones; ``telemetry``: ``Telemetry.to_dict()`` for multi-stream methods; ``finish_reasons``: per
     section ``eos`` (ended at end of turn) or ``length`` (hit its budget); ``contexts``: serial only, the
     context ids each section was written after; ``plan``: the plan the method chose itself (``pdt-select``),
-    None when it wrote the item's plan.
+    None when it wrote the item's plan; ``synthesis`` / ``synthesis_ids``: the conclusion of ``pdt-synthesis``.
     """
 
     method: str
@@ -90,6 +104,8 @@ class MethodRun:
     finish_reasons: list[str] = field(default_factory=list)
     contexts: list[list[int]] | None = None
     plan: list[str] | None = None
+    synthesis: str | None = None
+    synthesis_ids: list[int] | None = None
 
 
 def serial_message(prompt: str, plan: Sequence[str]) -> str:
@@ -151,8 +167,12 @@ def run_streams(model, method: str, prompt: str, plan: Sequence[str], max_new_to
             out = model.generate(**kwargs, use_notes=False, rollback=False)
     elif method in PDT_VARIANTS:
         out = model.generate(**kwargs, **PDT_VARIANTS[method])
+    elif method == "pdt-synthesis":
+        out = model.generate(**kwargs, **PDT_VARIANTS["pdt"], synthesis=True, synthesis_max_new_tokens=max_new_tokens)
     else:
-        raise ValueError(f"method {method!r} is not a multi-stream method; use 'sot' or one of {list(PDT_VARIANTS)}.")
+        raise ValueError(
+            f"method {method!r} is not a multi-stream method; use 'sot', 'pdt-synthesis' or one of {list(PDT_VARIANTS)}."
+        )
     seconds = time.perf_counter() - start
     eos = set(_eos_ids(model))
     ids = [list(seq) for seq in out.sequences]
@@ -167,7 +187,37 @@ def run_streams(model, method: str, prompt: str, plan: Sequence[str], max_new_to
         section_ids=ids,
         telemetry=telemetry,
         finish_reasons=list(out.finish_reasons),
+        synthesis=out.synthesis,
+        synthesis_ids=list(out.synthesis_ids) if out.synthesis_ids is not None else None,
     )
+
+
+@torch.no_grad()
+def run_conclusion(
+    model, source: str, prompt: str, plan: Sequence[str], sections: Sequence[str], max_new_tokens: int, seed: int = 0
+) -> list[int]:
+    """The bare trunk's greedy conclusion ids (a trailing end-of-turn token kept) for a reference source.
+
+    ``trunk-from-sections``: after ``training.data.plan.conclusion_message`` (the request, the plan, every
+    section's text, the heading: the serial teacher of ``pdt data synthesis``); ``trunk-from-nothing``: after
+    ``generation.prompts.synthesis_message`` (the request, the plan, the heading: what the synthesis stream reads
+    besides its notes).
+    """
+    from ..generation.prompts import render_ids, synthesis_message
+    from ..training.data.plan import conclusion_message
+
+    if source == "trunk-from-sections":
+        message = conclusion_message(prompt, plan, sections)
+    elif source == "trunk-from-nothing":
+        message = synthesis_message(prompt, plan)
+    else:
+        raise ValueError(f"unknown conclusion source {source!r}; references are {list(CONCLUSION_SOURCES[1:])}.")
+    with model.disable_sidecars():
+        teacher = Teacher(model.trunk, model.tokenizer)
+        ids = render_ids(model.tokenizer, message)
+        return teacher.generate(
+            [ids], max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, repetition_penalty=1.0, seed=seed
+        )[0]
 
 
 @torch.no_grad()

@@ -109,6 +109,7 @@ def _restores_threads(command):
 @_restores_threads
 def run_eval_command(args: argparse.Namespace) -> int:
     """``pdt eval``: run every method, score, write JSON + markdown + PNGs under ``--out``."""
+    from ..config import PDTConfig
     from .embeddings import load_sentence_encoder
     from .evaluate import evaluate
     from .prompt_sets import load_eval_items
@@ -125,7 +126,20 @@ def run_eval_command(args: argparse.Namespace) -> int:
             ) from None
     _set_threads(args.threads)
     items = load_eval_items(args.prompts, args.streams, args.limit)
-    model, sidecar = load_model(args.model, args.sidecar, args.seed, args.dtype, num_streams=args.streams)
+    synthesis = "pdt-synthesis" in args.methods
+    if synthesis and args.sidecar is not None:
+        from ..generation.cli import check_sidecar_dir
+
+        check_sidecar_dir(args.sidecar)
+        if not PDTConfig.from_pretrained(args.sidecar).synthesis:
+            raise ValueError(
+                f"--methods pdt-synthesis needs a sidecar with a synthesis slot, and {args.sidecar} has none (its "
+                "pdt_config.json has synthesis: false); train the synthesis stage for it (docs/training.md) or drop "
+                "pdt-synthesis from --methods."
+            )
+    model, sidecar = load_model(
+        args.model, args.sidecar, args.seed, args.dtype, num_streams=args.streams, synthesis=synthesis
+    )
     encoder = load_sentence_encoder(args.encoder)
     result = evaluate(
         model,
@@ -230,7 +244,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``pdt eval`` and ``pdt bench``."""
     from ..generation.speculate import DEFAULT_SPECULATIVE_TOKENS
-    from .baselines import EVAL_METHODS
+    from .baselines import DEFAULT_EVAL_METHODS, EVAL_METHODS
     from .bench import BENCH_METHODS
 
     p = subparsers.add_parser("eval", help="compare serial, Skeleton-of-Thought, PDT and its ablations on prompts")
@@ -241,8 +255,9 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         type=_name_list,
-        default=list(EVAL_METHODS),
-        help=f"comma-separated subset of {','.join(EVAL_METHODS)}",
+        default=list(DEFAULT_EVAL_METHODS),
+        help=f"comma-separated subset of {','.join(EVAL_METHODS)} (default: all but pdt-synthesis, which needs a "
+        "sidecar with a synthesis slot and adds the conclusion comparison)",
     )
     p.add_argument(
         "--label-nll",

@@ -21,6 +21,14 @@ Design decisions:
   finds it as likely as 90% of what serial decoding itself writes. Only committed blocks have known
   tokens, so ``pdt`` is calibrated on a sample the head itself selected; ``pdt-no-rollback`` commits every
   block and gives the unbiased figure. Rolled-back blocks are counted, unlabelled.
+- ``pdt-synthesis`` (the synthesis stream): its conclusion is scored against two references written by the
+  bare trunk for the same answer (``baselines.CONCLUSION_SOURCES``): after the sections' text (the quality
+  reference) and after the prompt and heading only (nothing to read). *Conclusion fidelity* is fidelity's
+  rule applied to the conclusion: the mean NLL of its tokens under the bare trunk reading the canonical
+  assembly of the plan plus the ``Conclusion`` heading, with pdt-synthesis's sections and then the conclusion
+  (``conclusion_nll``), so all three are read in the same context. Each source gets a bootstrap CI and the
+  paired difference ``pdt-synthesis - reference`` over the prompts where both conclusions are non-empty
+  (``result["synthesis"]``). The method's own row scores its sections as every other method's.
 - Every per-prompt metric gets a percentile-bootstrap 95% interval over prompts (``stats.bootstrap_ci``)
   and, for each method other than ``pdt``, the paired difference ``method - pdt`` over the same prompts
   (``stats.paired_difference``), over the prompts where both methods wrote K non-empty sections (for every
@@ -40,12 +48,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..generation.prompts import render_ids
-from .baselines import EVAL_METHODS, PDT_METHODS, MethodRun, run_method, serial_message
+from .baselines import DEFAULT_EVAL_METHODS, EVAL_METHODS, PDT_METHODS, MethodRun, run_method, serial_message
 from .metrics import calibration, coverage_text, empty_sections, redundancy, rollback_rate, serial_fidelity_batch
 from .prompt_sets import EvalItem
 from .stats import bootstrap_ci, paired_difference
 
-__all__ = ["METRICS", "QUALITY", "assemble_ids", "evaluate", "token_nlls", "within_section_repetition"]
+__all__ = [
+    "METRICS",
+    "QUALITY",
+    "assemble_ids",
+    "evaluate",
+    "token_nlls",
+    "within_section_repetition",
+]
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
@@ -240,7 +255,7 @@ def evaluate(
     items: Sequence[EvalItem],
     max_new_tokens: int,
     encoder,
-    methods: Sequence[str] = EVAL_METHODS,
+    methods: Sequence[str] = DEFAULT_EVAL_METHODS,
     label_nll: float | str = "auto",
     seed: int = 0,
     progress: bool = True,
@@ -251,10 +266,16 @@ def evaluate(
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(EVAL_METHODS)}.")
     if label_nll != "auto" and (isinstance(label_nll, str) or not float(label_nll) > 0):
         raise ValueError(f"label_nll={label_nll!r} must be 'auto' or a positive NLL in nats/token, e.g. 2.5.")
+    if "pdt-synthesis" in methods and not model.pdt_config.synthesis:
+        raise ValueError(
+            "method pdt-synthesis needs a sidecar with a synthesis slot, and this one has none (pdt_config.json "
+            "synthesis: false); pass --sidecar DIR of a sidecar trained with the synthesis stage (docs/training.md), "
+            "or drop pdt-synthesis from --methods."
+        )
     tok = model.tokenizer
     special = set(tok.all_special_ids)
     block_size = model.pdt_config.block_size
-    prompts, blocks, serial_blocks = [], [], []
+    prompts, blocks, serial_blocks, conclusions = [], [], [], []
     bar = tqdm(total=len(items) * len(methods), desc="pdt eval", unit="run", disable=not progress)
     for index, item in enumerate(items):
         runs = {}
@@ -281,6 +302,11 @@ def evaluate(
             for (m, run), f in zip(runs.items(), fidelity)
         }
         prompts.append({"prompt": item.prompt, "plan": item.plan, "plan_source": item.plan_source, "methods": rows})
+        if "pdt-synthesis" in runs:
+            from .conclusion import synthesis_scores
+
+            scored = synthesis_scores(model, item.prompt, item.plan, runs["pdt-synthesis"], max_new_tokens, seed)
+            conclusions.append({"prompt": index, **scored})
     bar.close()
 
     if label_nll == "auto":
@@ -296,7 +322,7 @@ def evaluate(
     flagged = {m: [i for i, p in enumerate(prompts) if p["methods"][m]["empty_sections"]] for m in methods}
     excluded = {m: {"excluded": len(v), "of": len(prompts), "prompts": v} for m, v in flagged.items()}
     finish = {m: dict(Counter(r for p in prompts for r in p["methods"][m]["finish_reasons"])) for m in methods}
-    return {
+    result = {
         "methods": list(methods),
         "metrics": METRICS,
         "summary": summary,
@@ -317,3 +343,8 @@ def evaluate(
             "num_prompts": len(items),
         },
     }
+    if "pdt-synthesis" in methods:
+        from .conclusion import synthesis_summary
+
+        result["synthesis"] = synthesis_summary(conclusions, seed)
+    return result

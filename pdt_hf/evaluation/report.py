@@ -115,8 +115,30 @@ def eval_markdown(result: dict, header: str = "") -> str:
                 f"| {method} | {c['n']} | {c['label_rate']:.2f} | {ece} | {brier} | {c['precision']:.2f} "
                 f"| {c['recall']:.2f} | {c['n_rolled_back']} | {c['n_unlabelled'] - c['n_rolled_back']} |"
             )
+    lines += _synthesis_lines(result.get("synthesis"))
     lines += _empty_and_finish_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def _synthesis_lines(synthesis: dict | None) -> list[str]:
+    """Conclusion fidelity per source and pdt-synthesis - reference (``evaluation.conclusion``), if it ran."""
+    if not synthesis:
+        return []
+    summary, paired = synthesis["summary"], synthesis["paired_vs_pdt_synthesis"]
+    lines = [
+        "",
+        "Conclusion of the same answer (pdt-synthesis's sections): conclusion fidelity, mean NLL (nats/token) of "
+        "the conclusion under the bare trunk reading the canonical assembly, lower is closer (95% bootstrap CI):",
+        "",
+        "| source | conclusion fidelity | tokens | paired pdt-synthesis − source |",
+        "|---|---|---|---|",
+    ]
+    for source in synthesis["sources"]:
+        stat = summary.get(source)
+        tokens = f"{stat['tokens']:.1f}" if stat and "tokens" in stat else "–"
+        diff = _diff(paired.get(source), ".3f") if source in paired else "–"
+        lines.append(f"| {source} | {_cell(stat, '.3f')} | {tokens} | {diff} |")
+    return lines
 
 
 def _empty_and_finish_lines(result: dict) -> list[str]:

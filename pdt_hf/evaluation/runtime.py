@@ -22,11 +22,19 @@ import torch
 __all__ = ["load_model", "machine_info"]
 
 
-def load_model(model: str | None, sidecar: str | None, seed: int = 0, dtype: str = "float32", num_streams: int = 3):
+def load_model(
+    model: str | None,
+    sidecar: str | None,
+    seed: int = 0,
+    dtype: str = "float32",
+    num_streams: int = 3,
+    synthesis: bool = False,
+):
     """``(PDTForCausalLM in eval mode, sidecar label)``: ``"shipped (NAME)"``, the given path, or ``"untrained"``.
 
-    An untrained sidecar gets ``num_streams`` adapters (at least 3, the default); the model moves to CUDA
-    when one is available.
+    An untrained sidecar gets ``num_streams`` adapters (at least 3, the default), and with ``synthesis`` the
+    synthesis slot (its init leaves the other tensors as without it); the model moves to CUDA when one is
+    available.
     """
     from ..config import PDTConfig
     from ..generation.cli import shipped_sidecar
@@ -42,7 +50,10 @@ def load_model(model: str | None, sidecar: str | None, seed: int = 0, dtype: str
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = {} if dtype == "float32" else {"dtype": getattr(torch, dtype)}
     loaded = PDTForCausalLM.from_pretrained(
-        model, sidecar=sidecar, config=None if sidecar else PDTConfig(num_streams=max(3, num_streams)), **kwargs
+        model,
+        sidecar=sidecar,
+        config=None if sidecar else PDTConfig(num_streams=max(3, num_streams), synthesis=synthesis),
+        **kwargs,
     )
     loaded.eval()
     if torch.cuda.is_available():

@@ -13,7 +13,9 @@ Design decisions:
   a sidecar saved without the slot keeps its exact state-dict layout, and training
   the slot alone leaves the section slots' tensors byte-identical (they are other
   parameters, never touched by its optimizer). ``stacked()`` concatenates the two,
-  so rows of stream ``num_streams`` gather the slot like any other stream::
+  so rows of stream ``num_streams`` gather the slot like any other stream. The slot draws its
+  ``down`` init under a forked RNG, so a sidecar built with the slot equals, tensor for tensor, the one built
+  without it from the same seed, plus the slot::
 
       slot      0 .. K-1            K
       tensors   norm_weight [K, d]  synthesis_norm_weight [1, d]
@@ -54,7 +56,8 @@ class StreamAdapter(nn.Module):
             self.synthesis_down = nn.Parameter(torch.empty(1, hidden_size, config.rank))
             self.synthesis_up = nn.Parameter(torch.zeros(1, config.rank, hidden_size))
             self.synthesis_gate = nn.Parameter(torch.ones(1))
-            nn.init.kaiming_uniform_(self.synthesis_down.view(-1, config.rank), a=math.sqrt(5))
+            with torch.random.fork_rng(devices=[]):  # the slot's draws leave the rest of the sidecar's init as is
+                nn.init.kaiming_uniform_(self.synthesis_down.view(-1, config.rank), a=math.sqrt(5))
 
     @property
     def num_slots(self) -> int:

@@ -12,7 +12,14 @@ from conftest import tiny_tokenizer, tiny_trunk
 
 from pdt_hf import PDTConfig, PDTForCausalLM
 from pdt_hf.cli import main
-from pdt_hf.evaluation.baselines import EVAL_METHODS, PDT_METHODS, MethodRun, run_method, serial_message
+from pdt_hf.evaluation.baselines import (
+    DEFAULT_EVAL_METHODS,
+    EVAL_METHODS,
+    PDT_METHODS,
+    MethodRun,
+    run_method,
+    serial_message,
+)
 from pdt_hf.evaluation.evaluate import METRICS, QUALITY, assemble_ids, evaluate, token_nlls
 from pdt_hf.evaluation.metrics import serial_fidelity
 from pdt_hf.evaluation.prompt_sets import load_eval_items, pad_plan
@@ -236,10 +243,11 @@ def test_pdt_eval_writes_json_markdown_and_plots(tiny_dir, tmp_path) -> None:
     )
     assert code == 0
     result = json.loads((out / "eval.json").read_text())
-    assert result["methods"] == list(EVAL_METHODS)
+    assert result["methods"] == list(DEFAULT_EVAL_METHODS) == [m for m in EVAL_METHODS if m != "pdt-synthesis"]
+    assert "synthesis" not in result  # only pdt-synthesis adds the conclusion comparison
     assert result["sidecar"] == "untrained" and result["machine"]["torch"] == torch.__version__
     assert result["command"].startswith("pdt eval --prompts")
-    for method in EVAL_METHODS:
+    for method in DEFAULT_EVAL_METHODS:
         for metric in (
             "fidelity",
             "redundancy_embedding",
@@ -251,13 +259,13 @@ def test_pdt_eval_writes_json_markdown_and_plots(tiny_dir, tmp_path) -> None:
             stat = result["summary"][method][metric]
             assert stat["low"] <= stat["mean"] <= stat["high"] and stat["n"] == 2
     assert "coverage_head" in result["summary"]["pdt"] and "coverage_head" not in result["summary"]["sot"]
-    assert set(result["paired_vs_pdt"]) == set(EVAL_METHODS) - {"pdt"}
-    assert set(result["calibration"]) == set(PDT_METHODS)
+    assert set(result["paired_vs_pdt"]) == set(DEFAULT_EVAL_METHODS) - {"pdt"}
+    assert set(result["calibration"]) == set(PDT_METHODS) - {"pdt-synthesis"}
 
     for prompt in result["prompts"]:
         rows = prompt["methods"]
         assert len(rows["serial"]["sections"]) == 2 and set(rows["serial"]["finish_reasons"]) <= {"eos", "length"}
-        assert all(rows[m]["tokens"] <= 2 * 8 for m in EVAL_METHODS)
+        assert all(rows[m]["tokens"] <= 2 * 8 for m in DEFAULT_EVAL_METHODS)
         # The untrained sidecar is the identity and decoding is greedy: every PDT variant writes what SoT writes.
         for method in ("pdt", "pdt-notes-zero", "pdt-notes-shuffle", "pdt-no-rollback"):
             assert rows[method]["sections"] == rows["sot"]["sections"]

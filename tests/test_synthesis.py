@@ -150,6 +150,23 @@ def test_generate_writes_k_sections_then_a_synthesis() -> None:
     assert out.synthesis_ids == hf[0, ids.shape[1] :].tolist()
 
 
+def test_synthesis_streams_once_after_the_sections_and_runs_through_custom_generate() -> None:
+    from pdt_hf.generation import MultiStreamIteratorStreamer, custom_generate
+
+    model = _model()
+    streamer = MultiStreamIteratorStreamer(timeout=5)
+    out = model.generate(prompt=PROMPT, plan=PLAN, max_new_tokens=8, synthesis=True, streamer=streamer)
+    events = list(streamer)
+    assert [e.stream for e in events if e.stream == 3] == [3] and events[-1].stream == 3
+    assert events[-1].text == out.synthesis
+    ids = torch.tensor([model.tokenizer(PROMPT)["input_ids"]])
+    via_hf = model.trunk.generate(
+        ids, custom_generate=custom_generate, num_streams=3, plan=PLAN, tokenizer=model.tokenizer,
+        max_new_tokens=8, synthesis=True, synthesis_max_new_tokens=6,
+    )  # fmt: skip
+    assert 1 <= len(via_hf.synthesis_ids) <= 6
+
+
 def test_synthesis_is_deterministic_greedy_and_reads_its_notes() -> None:
     model = _model()
     _open_synthesis_slot(model)

@@ -367,6 +367,8 @@ def custom_generate(
     speculate: str | None = None,
     num_speculative_tokens: int | None = None,
     draft_model: torch.nn.Module | None = None,
+    synthesis: bool = False,
+    synthesis_max_new_tokens: int | None = None,
     **model_kwargs: object,
 ) -> MultiStreamOutput:
     """``trunk.generate(**inputs, custom_generate=custom_generate, num_streams=3, plan=[...], tokenizer=tok)``.
@@ -392,6 +394,8 @@ def custom_generate(
         streamer=streamer,
         seed=model_kwargs.get("seed"),
         stop_strings=generation_config.stop_strings,
+        synthesis=synthesis,
+        synthesis_max_new_tokens=synthesis_max_new_tokens,
         **_speculative_kwargs(generation_config, speculate, num_speculative_tokens, draft_model),
     )
 

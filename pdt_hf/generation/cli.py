@@ -53,13 +53,18 @@ class LivePanels(MultiStreamStreamer):
         panels = [
             Panel(
                 self.texts.get(k) or "…",
-                title=f"[{k}] {self.plan[k] if self.plan and k < len(self.plan) else 'section'}",
+                title=f"[{k}] {self._title(k)}",
                 subtitle=f"rollbacks: {self.rollbacks.get(k, 0)}",
                 width=40,
             )
             for k in range(max(self.texts) + 1)
         ]
         return Columns(panels)
+
+    def _title(self, k: int) -> str:
+        if self.plan and k < len(self.plan):
+            return self.plan[k]
+        return SYNTHESIS_HEADING if self.plan and k == len(self.plan) else "section"
 
     def on_text(self, stream: int, text: str, round: int) -> None:
         self.texts[stream] = self.texts.get(stream, "") + text

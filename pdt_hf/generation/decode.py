@@ -394,6 +394,8 @@ class MultiStreamDecoder:
                     self.run_round(states, round, cache, next_logits, planner_notes)
             if synthesis_ids is not None:
                 synthesis = write_synthesis(self, cache, prefix, synthesis_ids, s.synthesis_max_new_tokens)
+                if self.streamer is not None and synthesis.text:  # as stream K, once, after every section
+                    self.streamer.on_text(len(states), synthesis.text, round + 1)
         except KeyboardInterrupt:
             self.telemetry.interrupted = True
         finally:

@@ -4,6 +4,9 @@ The built-in Transformers streamers refuse batches larger than one. These take
 ``(stream, text)`` events for *committed* text only, and ``(stream, rollback)``
 events, so rolled-back text never reaches a reader.
 
+With ``generate(synthesis=True)`` the synthesis stream's conclusion arrives once, after every section, as
+stream K (one past the last section stream).
+
 - :class:`MultiStreamStreamer`: base class; override :meth:`on_text`, :meth:`on_rollback`, :meth:`on_end`.
 - :class:`MultiStreamPrinter`: prints ``[stream k] text`` lines.
 - :class:`MultiStreamIteratorStreamer`: a queue-backed iterator for servers (``for event in streamer``).

@@ -147,7 +147,9 @@ def _bus(model: PDTForCausalLM, publish: dict[int, list[int]], dtype: torch.dtyp
     [([0, 1, 2], {0: [0, 1, 2], 1: [0, 2]}), ([2, 0], {0: [0, 1, 2], 1: [1]}), ([0, 1, 2], {0: [0]})],
     ids=["all-streams", "subset", "rows-without-notes"],
 )
-def test_sidecar_decode_step_matches_layer_delta(rows: list[int], publish: dict) -> None:
+@pytest.mark.parametrize("fold", [False, True], ids=["projected", "folded"])
+def test_sidecar_decode_step_matches_layer_delta(rows: list[int], publish: dict, fold: bool, monkeypatch) -> None:
+    monkeypatch.setattr(SidecarDecodeStep, "fold_notes", fold)
     model = _model()
     bus = _bus(model, publish)
     read = bus.read(torch.tensor(rows), 3)
@@ -171,7 +173,9 @@ def test_sidecar_decode_step_matches_layer_delta(rows: list[int], publish: dict)
         assert torch.equal(fast.layer_delta(0, hidden)[blind], hidden[blind])
 
 
-def test_sidecar_decode_step_in_bf16_is_as_close_to_fp32_as_the_reference() -> None:
+@pytest.mark.parametrize("fold", [False, True], ids=["projected", "folded"])
+def test_sidecar_decode_step_in_bf16_is_as_close_to_fp32_as_the_reference(fold: bool, monkeypatch) -> None:
+    monkeypatch.setattr(SidecarDecodeStep, "fold_notes", fold)
     # flash-attention's rule: the fast path's error against fp32 is at most 2x the reference's at the same precision.
     publish, rows = {0: [0, 1, 2], 1: [0, 2]}, [0, 1, 2]
     hidden = torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(4))
@@ -212,8 +216,11 @@ def test_forward_logits_fast_vs_reference() -> None:
 
 
 # ---------------------------------------------------------------------- whole generations
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt_oss"])
-def test_generate_fast_equals_reference(arch: str) -> None:
+@pytest.mark.parametrize(
+    "arch, fold", [("llama", None), ("llama", True), ("llama", False), ("mistral", None), ("gpt_oss", None)]
+)
+def test_generate_fast_equals_reference(arch: str, fold: bool | None, monkeypatch) -> None:
+    monkeypatch.setattr(SidecarDecodeStep, "fold_notes", fold)
     model = _model(arch)
     suppress = SuppressTokensLogitsProcessor([2, 7], device="cpu")
     kwargs = dict(

@@ -84,7 +84,7 @@ _DECODE_REGIONS = (
     ("pdt_hf.generation.step", "StepRunner", "notes", "PDT notes (bus read, binding)"),
 )
 """(module, class, method, label) of the decode loop; entries missing from the installed version are skipped,
-so the same script profiles an older checkout (the "before" table of docs/benchmarks.md)."""
+so the same script profiles an older checkout (the "before" figures of docs/benchmarks.md)."""
 
 
 @contextmanager

@@ -142,14 +142,16 @@ class SidecarDecodeStep:
         heads, dh = w.num_heads, w.head_dim
         d = w.wq_t.shape[0]
         dtype = keys.dtype  # the products are formed in fp32 and rounded once
-        wq = w.wq_t.float().view(d, heads, dh)  # [d, H, Dh]
-        scores = torch.einsum("dhe,ahel->adhl", wq, keys.float().view(a, heads, dh, width)) * dh**-0.5  # [A, d, H, L]
-        wo = w.wo_t.float().view(heads, dh, d)  # [H, Dh, d]
-        out = torch.einsum("ahle,hed->ahld", values.float().view(a, heads, width, dh), wo)  # [A, H, L, d]
+        wq = w.wq_t.float().reshape(d, heads, dh)  # [d, H, Dh]
+        scores = (
+            torch.einsum("dhe,ahel->adhl", wq, keys.float().reshape(a, heads, dh, width)) * dh**-0.5
+        )  # [A, d, H, L]
+        wo = w.wo_t.float().reshape(heads, dh, d)  # [H, Dh, d]
+        out = torch.einsum("ahle,hed->ahld", values.float().reshape(a, heads, width, dh), wo)  # [A, H, L, d]
         if seen is not None:
             out = out * seen.float()[:, :, None, None]
         scores, out = scores.reshape(a, d, heads * width).to(dtype), out.reshape(a, heads * width, d).to(dtype)
-        return _Bound(down, up, scores, out, mask.view(a, 1, heads * width), None, True)
+        return _Bound(down, up, scores, out, mask.reshape(a, 1, heads * width), None, True)
 
     def _gather_notes(self, bus, read) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """Padded store rows [A, L], additive mask [A, L] and the seen-any factor, or None if nobody sees one."""

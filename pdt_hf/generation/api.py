@@ -196,15 +196,16 @@ def multi_stream_generate(
     proposer, speculate_name, speculative_tokens = make_proposer(
         speculate, num_speculative_tokens, draft_model, model.trunk
     )
-    settings = DecodeSettings(
-        num_streams=num_streams if num_streams is not None else cfg.num_streams,
-        block_size=block_size if block_size is not None else cfg.block_size,
-        commit_horizon=commit_horizon if commit_horizon is not None else cfg.commit_horizon,
-        note_lag=note_lag if note_lag is not None else cfg.note_lag,
-        note_window=note_window if note_window is not None else cfg.note_window,
-        agreement_threshold=agreement_threshold if agreement_threshold is not None else cfg.agreement_threshold,
-        max_retries=max_retries if max_retries is not None else cfg.max_retries,
-        max_new_tokens=max_new_tokens,
+    settings = DecodeSettings.from_config(
+        cfg,
+        max_new_tokens,
+        num_streams=num_streams,
+        block_size=block_size,
+        commit_horizon=commit_horizon,
+        note_lag=note_lag,
+        note_window=note_window,
+        agreement_threshold=agreement_threshold,
+        max_retries=max_retries,
         stop_strings=(stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ()),
         use_notes=use_notes,
         note_ablation=note_ablation,

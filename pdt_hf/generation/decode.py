@@ -85,6 +85,24 @@ class DecodeSettings:
     synthesis_max_new_tokens: int = 0
     """Most tokens of the synthesis stream (used when ``run`` is given its prompt)."""
 
+    _FROM_CONFIG = (
+        "num_streams",
+        "block_size",
+        "commit_horizon",
+        "note_lag",
+        "note_window",
+        "agreement_threshold",
+        "max_retries",
+    )
+    """The fields that default to the sidecar config's value of the same name."""
+
+    @classmethod
+    def from_config(cls, config, max_new_tokens: int, **overrides) -> DecodeSettings:
+        """The sidecar config's values of the DESIGN.md symbols; ``overrides`` that are None keep the config's."""
+        values = {name: getattr(config, name) for name in cls._FROM_CONFIG}
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(max_new_tokens=max_new_tokens, **values)
+
 
 def sliding_window_of(config) -> int | None:
     """The trunk's attention window if any of its layers is sliding, else None (read from the text config)."""

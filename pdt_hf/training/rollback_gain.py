@@ -172,17 +172,8 @@ def build_decoder(model, tokenizer, plan: Sequence[str], max_new_tokens: int, de
         raise ValueError(f"a plan of {len(plan)} items needs 1 to {cfg.num_streams} streams (the sidecar's K).")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer, e.g. 32.")
-    settings = DecodeSettings(
-        num_streams=len(plan),
-        block_size=cfg.block_size,
-        commit_horizon=cfg.commit_horizon,
-        note_lag=cfg.note_lag,
-        note_window=cfg.note_window,
-        agreement_threshold=cfg.agreement_threshold,
-        max_retries=cfg.max_retries,
-        max_new_tokens=max_new_tokens,
-        rollback=False,
-        fast_attention=False,
+    settings = DecodeSettings.from_config(
+        cfg, max_new_tokens, num_streams=len(plan), rollback=False, fast_attention=False
     )
     settings = dataclasses.replace(settings, **overrides)
     device = next(model.trunk.parameters()).device

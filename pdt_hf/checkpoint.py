@@ -7,6 +7,7 @@ checkpoint under the real name.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write ``data`` to ``path`` as indented, key-sorted JSON with a final newline, atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    atomic_write(path, write)
 
 
 def save_sidecar(directory: str | os.PathLike, config_json: str, state_dict: dict[str, torch.Tensor]) -> None:

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write_json
 from ..trunk.compat import enable_checkpointing
 from .batch import collate
 from .calibration import agreement_report, ceiling_closed, choose_threshold, evaluate_split, rollback_pays
@@ -99,15 +99,6 @@ def _schedule(stage: StageConfig):
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _write_json(path: str, data: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-
-    atomic_write(path, write)
 
 
 def train(recipe: RecipeConfig, resume: bool = False) -> dict:
@@ -242,7 +233,7 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
             summary["synthesis"] = _synthesis_report(recipe, objective, model, manifest, make_batch)
         summary["trunk_unchanged"] = state_digest(trunk) == trunk_before
         summary["trunk_sha256"] = trunk_before
-        _write_json(os.path.join(loop.output_dir, "summary.json"), summary)
+        atomic_write_json(os.path.join(loop.output_dir, "summary.json"), summary)
     accelerator.wait_for_everyone()
     if not main:
         with open(os.path.join(loop.output_dir, "summary.json"), encoding="utf-8") as handle:

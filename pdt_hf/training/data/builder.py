@@ -25,7 +25,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from ...checkpoint import atomic_write
+from ...checkpoint import atomic_write, atomic_write_json
 from ...generation.prompts import render_ids, split_stream_prompts, stream_message
 from ...generation.text_bus import check_lag, decode_text_bus
 from ..config import RecipeConfig
@@ -212,15 +212,6 @@ def _check_manifest(directory: str, manifest: dict) -> None:
             )
 
 
-def _write_json(path: str, data: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-
-    atomic_write(path, write)
-
-
 def load_teacher(recipe: RecipeConfig):
     """``(teacher, student tokenizer, trunk name, resolved PDTConfig)``; teacher: data.build.teacher or the trunk."""
     cfg = recipe.data.build
@@ -262,7 +253,7 @@ def build_dataset(recipe: RecipeConfig, progress: bool = True) -> str:
     }
     _check_manifest(directory, manifest)
     os.makedirs(directory, exist_ok=True)
-    _write_json(os.path.join(directory, MANIFEST_NAME), manifest)
+    atomic_write_json(os.path.join(directory, MANIFEST_NAME), manifest)
     total = sum(len(v) for v in splits.values())
     done = sum(
         min(cfg.shard_size, len(splits[s]) - i * cfg.shard_size)
@@ -301,5 +292,5 @@ def build_dataset(recipe: RecipeConfig, progress: bool = True) -> str:
     projection = fit_projection(directory, manifest["splits"]["train"]["num_shards"], pdt.d_note)
     save_projection(directory, projection)
     manifest["complete"] = True
-    _write_json(os.path.join(directory, MANIFEST_NAME), manifest)
+    atomic_write_json(os.path.join(directory, MANIFEST_NAME), manifest)
     return directory

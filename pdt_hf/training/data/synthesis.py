@@ -35,7 +35,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from ...checkpoint import atomic_write
+from ...checkpoint import atomic_write, atomic_write_json
 from ...generation.prompts import render_ids, synthesis_message
 from ...generation.synthesis import shared_prefix_length
 from ..config import RecipeConfig
@@ -140,15 +140,6 @@ def _read_json(path: str) -> dict | None:
         return json.load(handle)
 
 
-def _write_json(path: str, data: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-
-    atomic_write(path, write)
-
-
 def build_synthesis(recipe: RecipeConfig, progress: bool = True, teacher_bundle=None) -> str:
     """Write (or finish writing) the conclusion side shards of ``recipe.data.path``; returns the path.
 
@@ -173,7 +164,7 @@ def build_synthesis(recipe: RecipeConfig, progress: bool = True, teacher_bundle=
                 )
     teacher, tokenizer, _, pdt = teacher_bundle if teacher_bundle is not None else load_teacher(recipe)
     manifest = {"synthesis_version": SYNTHESIS_VERSION, "build_key": key, "complete": False}
-    _write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     todo = [(s, i) for s in SPLITS for i in range(base["splits"][s]["num_shards"])]
     bar = tqdm(total=len(todo), desc="pdt data synthesis", unit="shard", disable=not progress)
     for split, index in todo:
@@ -192,7 +183,7 @@ def build_synthesis(recipe: RecipeConfig, progress: bool = True, teacher_bundle=
         bar.update(1)
     bar.close()
     manifest["complete"] = True
-    _write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     return directory
 
 

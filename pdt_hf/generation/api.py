@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteriaList
 
-from .decode import DecodeSettings, MultiStreamDecoder
+from .decode import MultiStreamDecoder
 from .output import MultiStreamOutput
 from .plan import (
     check_candidates,
@@ -37,6 +37,7 @@ from .plan import (
 from .prompts import render_ids, split_stream_prompts, stream_message, synthesis_message
 from .sampling import SamplingSettings, TokenChooser
 from .select import scoring_rows, select_plan
+from .settings import DecodeSettings
 from .speculate import DraftProposer, make_proposer
 from .streamer import MultiStreamStreamer
 from .synthesis import DEFAULT_SYNTHESIS_TOKENS

@@ -43,10 +43,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import atomic_write
-from ..generation.decode import DecodeSettings, MultiStreamDecoder, StreamState
+from ..generation.decode import MultiStreamDecoder, StreamState
 from ..generation.output import Telemetry
 from ..generation.prompts import render_ids, split_stream_prompts, stream_message
 from ..generation.sampling import SamplingSettings, TokenChooser
+from ..generation.settings import DecodeSettings
 from ..generation.text_bus import check_lag, lag_context
 from .calibration import gain_decision_report, rollback_labels
 from .data.teacher import Teacher

@@ -95,10 +95,7 @@ class StreamAdapter(nn.Module):
             ``[N, T, d]`` delta, exactly zero at init.
         """
         dtype = self.down.dtype
-        if self.has_synthesis and bool((stream_ids >= self.num_streams).any()):
-            norm_weight, down, up, gate = self.stacked()
-        else:
-            norm_weight, down, up, gate = self.norm_weight, self.down, self.up, self.gate
+        norm_weight, down, up, gate = self.stacked()  # no test of which ids are present: that would sync a GPU
         x = rms_norm(hidden.to(dtype)) * norm_weight[stream_ids].unsqueeze(1)  # [N, T, d]
         z = _ACTIVATIONS[self.activation](torch.bmm(x, down[stream_ids]))  # [N, T, r]
         out = torch.bmm(z, up[stream_ids])  # [N, T, d]

@@ -304,6 +304,29 @@ def test_pdt_eval_rejects_bad_label_threshold(tiny_dir, tmp_path) -> None:
         )
 
 
+def test_pdt_eval_agreement_threshold_overrides_the_sidecar_tau(tiny_dir, tmp_path) -> None:
+    model_dir, prompts = tiny_dir
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(model_dir), "--prompts", str(prompts), "--streams", "2", "--max-new-tokens", "8"]
+    argv += ["--methods", "pdt,pdt-no-rollback", "--agreement-threshold", "1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["tau"] == 1.0 and "--agreement-threshold 1" in result["command"]
+    for prompt in result["prompts"]:
+        rows = prompt["methods"]
+        # No score reaches tau = 1: pdt rolls every block back, pdt-no-rollback still commits every block.
+        assert rows["pdt"]["rollback_rate"] > 0.0 and rows["pdt-no-rollback"]["rollback_rate"] == 0.0
+    assert "tau = 1.00" in (out / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("value", ["high", "1.5", "-0.1", "nan"])
+def test_pdt_eval_rejects_bad_agreement_threshold(tiny_dir, tmp_path, value) -> None:
+    model_dir, prompts = tiny_dir
+    argv = ["eval", "--model", str(model_dir), "--prompts", str(prompts), "--agreement-threshold", value]
+    with pytest.raises(SystemExit, match=f"--agreement-threshold '{value}' must be a number in"):
+        main([*argv, "--out", str(tmp_path / "x"), "--no-progress"])
+
+
 def test_calibration_labels_follow_the_threshold() -> None:
     from pdt_hf.evaluation.baselines import MethodRun
     from pdt_hf.evaluation.evaluate import _blocks

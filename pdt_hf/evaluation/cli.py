@@ -106,6 +106,22 @@ def _restores_threads(command):
     return run
 
 
+def _agreement_threshold(text: str | None) -> float | None:
+    """``--agreement-threshold``: None keeps the sidecar's calibrated tau; else a number in [0, 1]."""
+    if text is None:
+        return None
+    try:
+        tau = float(text)
+    except ValueError:
+        tau = float("nan")
+    if not 0.0 <= tau <= 1.0:  # also rejects nan
+        raise SystemExit(
+            f"--agreement-threshold {text!r} must be a number in [0, 1] (0: rollback off, e.g. 0.883 for the old "
+            "calibrated head); leave it out to use the sidecar's own tau."
+        )
+    return tau
+
+
 @_restores_threads
 def run_eval_command(args: argparse.Namespace) -> int:
     """``pdt eval``: run every method, score, write JSON + markdown + PNGs under ``--out``."""
@@ -124,6 +140,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"--label-nll {args.label_nll!r} must be 'auto' or a number of nats/token, e.g. 2.5."
             ) from None
+    tau = _agreement_threshold(args.agreement_threshold)
     _set_threads(args.threads)
     items = load_eval_items(args.prompts, args.streams, args.limit)
     synthesis = "pdt-synthesis" in args.methods
@@ -140,6 +157,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     model, sidecar = load_model(
         args.model, args.sidecar, args.seed, args.dtype, num_streams=args.streams, synthesis=synthesis
     )
+    if tau is not None:
+        model.pdt_config.agreement_threshold = tau  # this run only; the sidecar folder is not touched
     encoder = load_sentence_encoder(args.encoder)
     result = evaluate(
         model,
@@ -263,6 +282,12 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--label-nll",
         default="auto",
         help="agreement label threshold, nats/token, or 'auto' (90th percentile of serial blocks)",
+    )
+    p.add_argument(
+        "--agreement-threshold",
+        default=None,
+        help="tau for this run, overriding the sidecar's pdt_config.json (0: rollback off); measures what "
+        "rollback does to quality, pdt against pdt-no-rollback, when the calibrated tau is 0",
     )
     p.add_argument("--encoder", default=None, help="sentence-transformers model (default: embedded all-MiniLM-L6-v2)")
     p.add_argument("--out", default="outputs/eval", help="output folder")

@@ -22,7 +22,7 @@ import torch
 
 from ..generation.prompts import SYNTHESIS_HEADING, render_ids
 from .baselines import CONCLUSION_SOURCES, MethodRun, run_conclusion, serial_message
-from .evaluate import _section_ids, _strip_trailing_special, assemble_ids, token_nlls
+from .evaluate import assemble_ids, section_ids_of, strip_trailing_special, token_nlls
 from .stats import bootstrap_ci, paired_difference
 
 __all__ = ["conclusion_nll", "synthesis_scores", "synthesis_summary"]
@@ -52,14 +52,14 @@ def synthesis_scores(model, prompt: str, plan: Sequence[str], run: MethodRun, ma
     A conclusion with no text once special tokens are dropped is not scored (``nll`` None)."""
     tok = model.tokenizer
     special = set(tok.all_special_ids)
-    sections = _section_ids(tok, run, special)
+    sections = section_ids_of(tok, run, special)
     ids = {"pdt-synthesis": list(run.synthesis_ids or [])}
     for source in CONCLUSION_SOURCES[1:]:
         ids[source] = run_conclusion(model, source, prompt, plan, run.sections, max_new_tokens, seed)
     out = {}
     with model.disable_sidecars():
         for source, written in ids.items():
-            kept = _strip_trailing_special(written, special)
+            kept = strip_trailing_special(written, special)
             text = tok.decode(kept, skip_special_tokens=True).strip()
             nll = conclusion_nll(model.trunk, tok, prompt, plan, sections, kept) if text else None
             out[source] = {"text": text, "tokens": len(kept), "nll": nll}

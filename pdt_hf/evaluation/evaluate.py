@@ -132,16 +132,16 @@ def within_section_repetition(sections: Sequence[str], n: int = 4) -> float:
     return repeated / total if total else 0.0
 
 
-def _strip_trailing_special(ids: Sequence[int], special: set[int]) -> list[int]:
+def strip_trailing_special(ids: Sequence[int], special: set[int]) -> list[int]:
     ids = list(ids)
     while ids and ids[-1] in special:
         ids.pop()
     return ids
 
 
-def _section_ids(tokenizer, run: MethodRun, special: set[int]) -> list[list[int]]:
+def section_ids_of(tokenizer, run: MethodRun, special: set[int]) -> list[list[int]]:
     if run.section_ids is not None:
-        return [_strip_trailing_special(ids, special) for ids in run.section_ids]
+        return [strip_trailing_special(ids, special) for ids in run.section_ids]
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in run.sections]
 
 
@@ -285,7 +285,7 @@ def evaluate(
             bar.update()
         plans = {m: run.plan or item.plan for m, run in runs.items()}  # pdt-select writes the plan it kept
         contexts = {m: render_ids(tok, serial_message(item.prompt, plans[m])) for m in runs}
-        assembled = {m: assemble_ids(tok, plans[m], _section_ids(tok, run, special)) for m, run in runs.items()}
+        assembled = {m: assemble_ids(tok, plans[m], section_ids_of(tok, run, special)) for m, run in runs.items()}
         with model.disable_sidecars():
             fidelity = serial_fidelity_batch(
                 model.trunk, None, list(contexts.values()), [a[0] for a in assembled.values()]

@@ -213,7 +213,7 @@ class Speculator:
         decoder: the decoder (its settings, chooser, step runner, bus, stop checks and telemetry are used).
         proposer: where drafts come from.
         num_tokens: n, the most draft tokens per stream and forward.
-        step_masks: adapts the stream cache's step kwargs to the trunk (``decode.trunk_step_masks``).
+        step_masks: adapts the stream cache's step kwargs to the trunk (``stream_kv.masks.trunk_step_masks``).
     """
 
     def __init__(self, decoder, proposer: DraftProposer, num_tokens: int, step_masks) -> None:

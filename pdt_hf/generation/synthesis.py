@@ -85,7 +85,7 @@ def write_synthesis(
         synthesis_ids: the synthesis stream's full prompt ids (``render_ids(tok, synthesis_message(...))``).
         max_new_tokens: most conclusion tokens.
     """
-    from .decode import trunk_step_masks
+    from ..stream_kv.masks import trunk_step_masks
 
     model, device, bus = decoder.model, decoder.device, decoder.bus
     start = time.perf_counter()

@@ -1,7 +1,8 @@
 """Stream KV: one prompt prefill shared by K streams, each with its own suffix cache and length.
 
 ``lengths`` holds the index arithmetic (positions, masks, rollback checks), ``cache`` the transformers ``Cache``
-with its storage, and ``attention`` the fast single-token path that reads the shared prefix once.
+with its storage, ``attention`` the fast single-token path that reads the shared prefix once, and ``masks`` the
+step masks of trunks with sliding-window layers.
 """
 
 from .attention import STREAM_ATTENTION, stream_attention, stream_attention_forward

@@ -3,7 +3,8 @@
 ::
 
     pdt calibrate-rollback [--sidecar DIR] [--split validation --limit 12] [--held-out-split test
-                           --held-out-limit 12] [--rollback-cost 0.05] [--max-rollback-share 0.25] [--write]
+                           --held-out-limit 12] [--rollback-cost 0.05] [--max-rollback-share 0.25]
+                           [--fit-head [--fit-split train --fit-limit 60 --fit-l2 1.0]] [--write]
 
 Design decisions:
 - tau is chosen on one prompt set (``--split``) and the decision is reported on another (``--held-out-split``):
@@ -13,8 +14,13 @@ Design decisions:
 - Each prompt set's measurements are kept under ``--out`` (``records-<set>.json`` + ``.safetensors``, the
   head's inputs); ``--reuse`` reads them back instead of decoding again when the sidecar (sha256), trunk,
   prompts and settings match, so changing the cost or the budget reruns in seconds.
+- ``--fit-head`` measures a third prompt set (``--fit-split``; of a file, the prompts before the other two) and
+  refits the agreement head's output layer on its gains (``training.rollback_fit``); tau is then chosen on the
+  refitted scores and both heads are reported on both sets. The fit set is never the one tau is chosen on.
 - ``--write`` stores tau as ``agreement_threshold`` in the sidecar's ``pdt_config.json``, written to a temporary
-  file and moved into place (the file keeps its permissions); nothing else in the file changes.
+  file and moved into place (the file keeps its permissions); nothing else in the file changes. With
+  ``--fit-head`` the refitted head replaces the head's tensors in ``sidecar.safetensors`` only when its tau is
+  above 0: at tau = 0 the head is never consulted, and the sidecar keeps the head it was trained with.
 """
 
 from __future__ import annotations
@@ -44,20 +50,29 @@ def _prompt_sets(args: argparse.Namespace) -> dict[str, list]:
     source, k = args.prompts, args.streams
     if source is not None and not os.path.isdir(source):
         items = load_eval_items(source, k, None)
-        cut = args.limit
+        start = args.fit_limit if args.fit_head else 0
+        cut = start + args.limit
         held = items[cut : cut + args.held_out_limit]
         if not held:
+            before = f"the first --fit-limit {start} and --limit {args.limit}" if start else f"the first --limit {cut}"
             raise ValueError(
-                f"--prompts {source!r} holds {len(items)} prompts, none left after the first --limit {cut} for the "
-                "held-out set; lower --limit or give more prompts."
+                f"--prompts {source!r} holds {len(items)} prompts, none left after {before} for the held-out set; "
+                "lower the limits or give more prompts."
             )
-        return {"calibration": items[:cut], "held_out": held}
+        sets = {"calibration": items[start:cut], "held_out": held}
+        return {"fit": items[:start], **sets} if args.fit_head else sets
     if args.split == args.held_out_split:
         raise ValueError(f"--split and --held-out-split are both {args.split!r}; hold out another split, e.g. test.")
-    return {
+    if args.fit_head and args.fit_split in (args.split, args.held_out_split):
+        raise ValueError(
+            f"--fit-split {args.fit_split!r} is also --split or --held-out-split; fit the head on another split, "
+            "e.g. --fit-split train."
+        )
+    sets = {
         "calibration": load_eval_items(source, k, args.limit, split=args.split),
         "held_out": load_eval_items(source, k, args.held_out_limit, split=args.held_out_split),
     }
+    return {"fit": load_eval_items(source, k, args.fit_limit, split=args.fit_split), **sets} if args.fit_head else sets
 
 
 def _records(model, items, key: dict, stem: str, reuse: bool, progress: bool):
@@ -110,21 +125,31 @@ def _markdown(result: dict) -> str:
         f"{result['machine']['torch_threads']} torch threads; {result['seconds']:.0f} s",
         f"- rollback cost {c['rollback_cost']} nats/token, budget {c['max_rollback_share']:.0%} of blocks, "
         f"min precision gain {c['min_precision_gain']}",
-        f"- **tau = {c['tau']:.3f}** ({c['reason']})",
-        "",
-        "| set | prompts | blocks | mean gain [95% CI] | identical regenerations | gain > 0 | rollback pays "
-        "| tau | rolled back | mean gain rolled back | precision | recall | ECE | net benefit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"- **tau = {c['tau']:.3f}** ({c['reason']}), agreement head {result['head']}",
     ]
+    fit = result["head_fit"]
+    if fit is not None:
+        lines.append(
+            f"- head refit on {fit['blocks']} blocks ({fit['paying']} where rollback pays), l2 {fit['l2']}: "
+            f"weighted log-loss {fit['loss_before']:.1f} -> {fit['loss_after']:.1f}; as trained, tau would be "
+            f"{result['choice_as_trained']['tau']:.3f} ({result['choice_as_trained']['reason']})"
+        )
+    lines += [
+        "",
+        "| set | head | prompts | blocks | mean gain [95% CI] | identical regenerations | gain > 0 | rollback pays "
+        "| tau | rolled back | mean gain rolled back | precision | recall | ECE | net benefit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    head = "refitted" if fit is not None else "as trained"
     for name, rep in result["reports"].items():
-        for which in ("at_tau", "at_candidate_tau"):
-            r = rep[which]
-            if which == "at_candidate_tau" and r["tau"] == rep["at_tau"]["tau"]:
+        for which, label in (("at_tau", head), ("at_candidate_tau", head), ("as_trained_at_tau", "as trained")):
+            r = rep.get(which)
+            if r is None or (which == "at_candidate_tau" and r["tau"] == rep["at_tau"]["tau"]):
                 continue
             mean, low, high = rep["mean_gain_ci"]
             rolled = "–" if r["mean_gain_rolled_back"] is None else f"{r['mean_gain_rolled_back']:+.3f}"
             lines.append(
-                f"| {name} | {r['prompts']} | {r['blocks']} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | "
+                f"| {name} | {label} | {r['prompts']} | {r['blocks']} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | "
                 f"{r['same_share']:.0%} | {r['gain_positive_share']:.0%} | {r['pays_share']:.0%} | {r['tau']:.3f} | "
                 f"{r['rollback_share']:.0%} | {rolled} | {r['precision']:.2f} | {r['recall']:.2f} | {r['ece']:.3f} | "
                 f"{r['net_benefit']:+.3f} |"
@@ -133,12 +158,16 @@ def _markdown(result: dict) -> str:
         "",
         'AUC for "rollback pays" (0.5: no signal):',
         "",
-        "| set | " + " | ".join(result["reports"]["held_out"]["at_tau"]["auc_pays"]) + " |",
-        "|---|---|---|---|",
+        "| set | head | " + " | ".join(result["reports"]["held_out"]["at_tau"]["auc_pays"]) + " |",
+        "|---|---|---|---|---|",
     ]
-    for name, rep in result["reports"].items():
-        aucs = ["–" if v is None else f"{v:.2f}" for v in rep["at_tau"]["auc_pays"].values()]
-        lines.append(f"| {name} | " + " | ".join(aucs) + " |")
+    rows = [(name, head, rep["at_tau"]["auc_pays"]) for name, rep in result["reports"].items()]
+    if fit is not None:
+        rows.insert(0, ("fit", head, fit["auc_pays_fit_set"]))
+        rows += [(name, "as trained", rep["as_trained_at_tau"]["auc_pays"]) for name, rep in result["reports"].items()]
+    for name, label, auc in rows:
+        aucs = ["–" if v is None else f"{v:.2f}" for v in auc.values()]
+        lines.append(f"| {name} | {label} | " + " | ".join(aucs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +220,8 @@ def run_calibrate_rollback(args: argparse.Namespace) -> int:
         raise ValueError(
             "--write needs a sidecar to write tau into; pass --sidecar DIR (a folder with pdt_config.json)."
         )
+    if args.fit_head and sidecar_dir is None:
+        raise ValueError("--fit-head refits a trained agreement head; pass --sidecar DIR (a folder with weights).")
     start = time.perf_counter()
     _set_threads(args.threads)
     machine = machine_info()
@@ -220,10 +251,30 @@ def run_calibrate_rollback(args: argparse.Namespace) -> int:
         records[which] = _records(model, items, key, stem, args.reuse, not args.no_progress)
         if not records[which].blocks:
             raise ValueError(f"the {which} prompts gave no judged blocks; raise --limit or --max-new-tokens.")
-    calib = records["calibration"]
-    choice = choose_rollback_threshold(
-        calib.array("score"), calib.array("gain"), cal.rollback_cost, cal.max_rollback_share, cal.min_precision_gain
-    )
+    head_fit, fitted = None, None
+    if args.fit_head:
+        from .rollback_fit import fit_agreement_head, load_agreement_head, rescore
+
+        fit_set = records.pop("fit")
+        fitted, head_fit = fit_agreement_head(
+            load_agreement_head(sidecar_dir, fit_set), fit_set, cal.rollback_cost, args.fit_l2
+        )
+        head_fit["auc_pays_fit_set"] = decision_report(rescore(fitted, fit_set), 0.0, cal.rollback_cost)["auc_pays"]
+    as_trained = records
+    if fitted is not None:
+        records = {which: rescore(fitted, rec) for which, rec in as_trained.items()}
+
+    def choose(calib):
+        return choose_rollback_threshold(
+            calib.array("score"),
+            calib.array("gain"),
+            cal.rollback_cost,
+            cal.max_rollback_share,
+            cal.min_precision_gain,
+        )
+
+    choice = choose(records["calibration"])
+    choice_as_trained = choose(as_trained["calibration"]) if fitted is not None else None
     reports = {}
     for which, rec in records.items():
         by_prompt: dict[int, list[float]] = {}
@@ -235,6 +286,10 @@ def run_calibrate_rollback(args: argparse.Namespace) -> int:
             "at_candidate_tau": decision_report(rec, choice["candidate_tau"], cal.rollback_cost),
             "mean_gain_ci": list(ci),
         }
+        if choice_as_trained is not None:
+            reports[which]["as_trained_at_tau"] = decision_report(
+                as_trained[which], choice_as_trained["tau"], cal.rollback_cost
+            )
     result = {
         "command": _command(args),
         "model": name,
@@ -250,11 +305,18 @@ def run_calibrate_rollback(args: argparse.Namespace) -> int:
             "held_out_split": args.held_out_split,
         },
         "choice": choice,
+        "head": "refitted on gain labels" if fitted is not None else "as trained",
+        "choice_as_trained": choice_as_trained,
+        "head_fit": head_fit,
         "reports": reports,
         "seconds": time.perf_counter() - start,
     }
     if args.write:
         result["written"] = write_threshold(sidecar_dir, choice["tau"])
+        if fitted is not None and choice["tau"] > 0:
+            from .rollback_fit import save_agreement_head
+
+            result["written_head"] = save_agreement_head(sidecar_dir, fitted)
     write_json(result, os.path.join(args.out, "rollback.json"))
     markdown = _markdown(result)
     with open(os.path.join(args.out, "rollback.md"), "w", encoding="utf-8") as handle:
@@ -263,6 +325,10 @@ def run_calibrate_rollback(args: argparse.Namespace) -> int:
     print(markdown)
     if args.write:
         print(f"wrote agreement_threshold = {choice['tau']:.3f} into {result['written']}")
+        if "written_head" in result:
+            print(f"wrote the refitted agreement head into {result['written_head']}")
+        elif fitted is not None:
+            print("kept the agreement head as trained: at tau = 0 the head is never consulted")
     print(f"wrote {args.out}/rollback.json, rollback.md, rollback.png and the per-block records")
     return 0
 
@@ -298,6 +364,12 @@ def add_calibrate_rollback_parser(subparsers: argparse._SubParsersAction) -> arg
         default=defaults.min_precision_gain,
         help="the decision's precision (Wilson lower bound) must beat the paying base rate by this much",
     )
+    p.add_argument("--fit-head", action="store_true", help="refit the agreement head's output layer on gain labels")
+    p.add_argument(
+        "--fit-split", default="train", choices=["train", "validation", "test"], help="the head is fit here"
+    )
+    p.add_argument("--fit-limit", type=int, default=60, help="prompts of --fit-split")
+    p.add_argument("--fit-l2", type=float, default=1.0, help="pull of the refitted output layer to the trained one")
     p.add_argument("--seed", type=int, default=0, help="seeds an untrained sidecar and the bootstrap")
     p.add_argument("--threads", default="auto", help="torch threads, or 'auto' (1 when other jobs load the cores)")
     p.add_argument("--out", default="outputs/rollback", help="output folder")

@@ -83,6 +83,16 @@ class AgreementHead(nn.Module):
         provisional_note: torch.Tensor,
     ) -> torch.Tensor:
         """Features ``[N, d]``, ``[N, d_note]``, ``[N]``, ``[N, d_note]`` -> logit ``[N]``."""
+        return self.mlp[-1](self.hidden(block_state, notes_summary, coverage, provisional_note)).squeeze(-1)
+
+    def hidden(
+        self,
+        block_state: torch.Tensor,
+        notes_summary: torch.Tensor,
+        coverage: torch.Tensor,
+        provisional_note: torch.Tensor,
+    ) -> torch.Tensor:
+        """The activations the output layer reads, ``[N, hidden]`` (``calibrate-rollback --fit-head`` refits it)."""
         dtype = self.mlp[0].weight.dtype
         features = torch.cat(
             [
@@ -93,7 +103,7 @@ class AgreementHead(nn.Module):
             ],
             dim=-1,
         )  # [N, d + 2 d_note + 1]
-        return self.mlp(features).squeeze(-1)
+        return self.mlp[:-1](features)
 
 
 class SpeculationHead(nn.Module):

@@ -22,14 +22,19 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-SECTION_INSTRUCTION = '{prompt}\n\nThe answer has these sections: {plan}.\nWrite only the section "{item}".'
+REQUEST_AND_PLAN = "{prompt}\n\nThe answer has these sections: {plan}.\n"
+"""How every message of an answer starts: the request and the plan (streams, teachers, synthesis)."""
+SECTION_INSTRUCTION = REQUEST_AND_PLAN + 'Write only the section "{item}".'
 SYNTHESIS_HEADING = "Conclusion"
 """Heading of the synthesis stream's section (the conclusion that ties the sections together)."""
 SYNTHESIS_TASK = "a short synthesis that ties the sections together, in a few sentences"
 """What the synthesis stream is asked to write under its heading."""
-SYNTHESIS_INSTRUCTION = (
-    '{prompt}\n\nThe answer has these sections: {plan}.\nWrite only the section "{heading}": {task}.'
-)
+SYNTHESIS_INSTRUCTION = REQUEST_AND_PLAN + 'Write only the section "{heading}": {task}.'
+
+
+def request_and_plan(prompt: str, plan: Sequence[str]) -> str:
+    """``REQUEST_AND_PLAN`` filled in: the start every message of this answer shares."""
+    return REQUEST_AND_PLAN.format(prompt=prompt.strip(), plan="; ".join(plan))
 
 
 def stream_message(prompt: str, plan: Sequence[str], item: str) -> str:

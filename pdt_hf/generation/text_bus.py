@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .prompts import SECTION_INSTRUCTION, render_ids, stream_message
+from .prompts import render_ids, request_and_plan, stream_message
 
 __all__ = [
     "SIBLINGS_HEADER",
@@ -120,7 +120,7 @@ def lag_message(prompt: str, plan: Sequence[str], reader: int, siblings: Sequenc
     shown = [(j, text.strip()) for j, text in siblings if text.strip()]
     if not shown:
         return stream_message(prompt, plan, plan[reader])
-    head = SECTION_INSTRUCTION.split("Write only", 1)[0].format(prompt=prompt.strip(), plan="; ".join(plan))
+    head = request_and_plan(prompt, plan)
     written = "\n\n".join(f"{plan[j]}:\n{text}" for j, text in shown)
     return f'{head}{SIBLINGS_HEADER}\n\n{written}\n\nWrite only the section "{plan[reader]}".'
 

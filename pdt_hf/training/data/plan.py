@@ -20,9 +20,9 @@ import re
 from collections.abc import Sequence
 
 from ...generation.prompts import (
-    SECTION_INSTRUCTION,
     SYNTHESIS_HEADING,
     SYNTHESIS_TASK,
+    request_and_plan,
     stream_message,
     synthesis_message,
 )
@@ -141,7 +141,7 @@ def serial_message(prompt: str, plan: Sequence[str], index: int, earlier: Sequen
     if not earlier:
         return stream_message(prompt, plan, plan[index])
     written = "\n\n".join(f"{plan[i]}:\n{text.strip()}" for i, text in enumerate(earlier))
-    head = SECTION_INSTRUCTION.split("Write only", 1)[0].format(prompt=prompt.strip(), plan="; ".join(plan))
+    head = request_and_plan(prompt, plan)
     return f'{head}Sections written so far:\n\n{written}\n\nWrite only the section "{plan[index]}".'
 
 
@@ -152,7 +152,7 @@ def conclusion_message(prompt: str, plan: Sequence[str], sections: Sequence[str]
     if not sections:
         return synthesis_message(prompt, plan)
     written = "\n\n".join(f"{plan[i]}:\n{text.strip()}" for i, text in enumerate(sections))
-    head = SECTION_INSTRUCTION.split("Write only", 1)[0].format(prompt=prompt.strip(), plan="; ".join(plan))
+    head = request_and_plan(prompt, plan)
     return f'{head}Sections written so far:\n\n{written}\n\nWrite only the section "{SYNTHESIS_HEADING}": {SYNTHESIS_TASK}.'
 
 

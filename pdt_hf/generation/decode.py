@@ -46,9 +46,10 @@ from ..bus import NoteBus
 from ..sidecars.heads.layer import masked_mean
 from ..stream_kv import StreamKVCache, stream_attention
 from ..stream_kv.masks import sliding_window_of, trunk_step_masks
-from ..trunk.architectures import base_model, text_config, trunk_logits
+from ..trunk.architectures import base_model, text_config
 from ..trunk.compat import cache_kwargs, output_cache
 from .output import MultiStreamOutput, Telemetry
+from .prefill import prefill_suffixes_grouped, prefill_suffixes_padded
 from .sampling import TokenChooser
 from .settings import DecodeSettings
 from .speculate import DraftProposer, Speculator
@@ -139,49 +140,10 @@ class MultiStreamDecoder:
         )
         lengths = [len(x) for x in suffixes]
         if self.fast_step and min(lengths) >= 1 and max(lengths) - min(lengths) <= s.commit_horizon:
-            logits, notes = self._prefill_suffixes_padded(cache, suffixes)
+            logits, notes = prefill_suffixes_padded(self.model, cache, suffixes, self.device)
         else:
-            logits, notes = self._prefill_suffixes_grouped(cache, suffixes)
+            logits, notes = prefill_suffixes_grouped(self.model, cache, suffixes, self.device)
         return cache, logits, notes
-
-    def _prefill_suffixes_grouped(self, cache: StreamKVCache, suffixes: list[list[int]]):
-        """Reference: one forward per distinct suffix length. Returns next logits [K, V] and planner notes."""
-        model, k = self.model, len(suffixes)
-        logits: list[torch.Tensor | None] = [None] * k
-        notes: list[torch.Tensor | None] = [None] * k
-        for length in sorted({len(x) for x in suffixes}):
-            group = [i for i, x in enumerate(suffixes) if len(x) == length]
-            streams = torch.tensor(group, device=self.device)
-            ids = torch.tensor([suffixes[i] for i in group], device=self.device)  # [G, length]
-            with cache.step(streams, length) as kw:
-                kw = trunk_step_masks(model.trunk.config, kw)
-                out = model(input_ids=ids, stream_ids=streams, cache=cache, compute_heads=False, **kw)
-            planner = model.sidecar.heads.planner(out.hidden_states, None, streams)  # [G, d_note]
-            for j, i in enumerate(group):
-                logits[i], notes[i] = out.logits[j, -1], planner[j]
-        return torch.stack(logits), torch.stack(notes)
-
-    def _prefill_suffixes_padded(self, cache: StreamKVCache, suffixes: list[list[int]]):
-        """Fast: every suffix in one forward, right-padded to the longest; the padding is then rolled back.
-
-        Padding sits after each stream's real tokens, so causal attention keeps it out of them; a rollback of the
-        padded count (O(1), at most L tokens) leaves its K/V stale and masked. Logits are computed only at each
-        stream's last real token, not over the whole suffix. Returns next logits [K, V] and planner notes.
-        """
-        model, k = self.model, len(suffixes)
-        width = max(len(x) for x in suffixes)
-        lengths = torch.tensor([len(x) for x in suffixes], device=self.device)  # [K]
-        ids = torch.tensor([x + [x[-1]] * (width - len(x)) for x in suffixes], device=self.device)  # [K, width]
-        streams = torch.arange(k, device=self.device)
-        with cache.step(streams, width) as kw:
-            kw = trunk_step_masks(model.trunk.config, kw)
-            out = model(input_ids=ids, stream_ids=streams, cache=cache, compute_heads=False, logits_to_keep=1, **kw)
-        for i, x in enumerate(suffixes):
-            cache.rollback(i, width - len(x))
-        real = torch.arange(width, device=self.device)[None, :] < lengths[:, None]  # [K, width]
-        notes = model.sidecar.heads.planner(out.hidden_states, real, streams)  # [K, d_note]
-        last = out.hidden_states[streams, lengths - 1]  # [K, d], each stream's last real token
-        return trunk_logits(model.trunk, last[:, None])[:, 0], notes
 
     def fast_attention(self) -> bool:
         """Whether single-token steps take the cascade attention path (``DecodeSettings.fast_attention``)."""

@@ -281,3 +281,21 @@ def test_local_directory_without_a_model(tmp_path, no_network) -> None:
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(TrunkLoadError, match=rf"is a local path, but no trunk could be loaded from {tmp_path}"):
         PDTForCausalLM.from_pretrained(str(tmp_path))
+
+
+def test_trunks_load_without_hub_kernels_unless_asked(tmp_path, monkeypatch, no_network) -> None:
+    """transformers 5.25 turned Hub kernels on by default; a trunk loads without them (no fetch while loading)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_trunk("llama").save_pretrained(tmp_path)
+    seen: list[dict] = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(dict(kwargs))
+        return real(*args, **kwargs) if not kwargs["use_kernels"] else "kernelized"
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    trunk, _ = load_trunk(str(tmp_path))
+    assert seen[-1]["use_kernels"] is False and not getattr(trunk, "use_kernels", False)
+    assert load_trunk(str(tmp_path), use_kernels=True)[0] == "kernelized"  # asked for, it reaches transformers

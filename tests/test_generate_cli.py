@@ -177,6 +177,17 @@ def test_plan_sets_streams_and_block_size_is_passed(model_dir, tmp_path, capsys)
     assert any(c["tokens"] == 3 for c in data["telemetry"]["commits"])
 
 
+def test_draft_model_is_loaded_from_a_path_and_drafts_for_the_streams(model_dir, tmp_path, capsys) -> None:
+    """The trunk as its own draft model (same vocabulary): loaded by path like --model, every draft proposed."""
+    out = tmp_path / "out.json"
+    argv = ["generate", "Explain tea.", "--model", str(model_dir), "--plan", "a; b", "--max-new-tokens", "6"]
+    argv += ["--speculate", "draft", "--draft-model", str(model_dir), "--json", str(out)]
+    assert main(argv) == 0
+    assert "speculative decoding: draft" in capsys.readouterr().out
+    telemetry = json.loads(out.read_text())["telemetry"]
+    assert telemetry["draft_tokens"] > 0
+
+
 def test_rollback_mode_line_names_the_mode() -> None:
     from pdt_hf.generation.cli import rollback_mode
 

@@ -253,9 +253,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     console.print(rollback_mode(model.pdt_config.agreement_threshold))
     draft_model = None
     if args.draft_model is not None:
-        from transformers import AutoModelForCausalLM
+        from ..trunk.loading import load_trunk
 
-        draft_model = AutoModelForCausalLM.from_pretrained(args.draft_model).to(model.trunk.device).eval()
+        draft_model = load_trunk(args.draft_model)[0].to(model.trunk.device).eval()
     if args.speculate is not None:
         n = args.num_speculative_tokens or DEFAULT_SPECULATIVE_TOKENS
         console.print(f"speculative decoding: {args.speculate}, up to {n} draft tokens per stream and forward")

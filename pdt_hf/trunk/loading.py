@@ -9,6 +9,10 @@ A name that cannot be loaded (an id missing from the cache while offline, a
 path that does not exist, a directory without a model) raises
 :class:`TrunkLoadError` naming it, whether it looked like a path or a Hub id,
 and the fix; the library's own error stays chained as ``__cause__``.
+
+Trunks load with ``use_kernels=False`` unless the caller passes ``use_kernels``: transformers 5.25 turned Hub
+kernels on by default, which fetches kernel code from the Hub while loading (an offline machine cannot) and
+swaps layer implementations under the sidecar's hooks. Pass ``use_kernels=True`` (``trunk_kwargs``) to opt in.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def load_trunk(
     Returns the model and the name to record as ``base_model_name_or_path``.
     """
     kwargs.setdefault("trust_remote_code", False)
+    kwargs.setdefault("use_kernels", False)  # module docstring
     if is_embedded(name_or_path if name_or_path is None else os.fspath(name_or_path)):
         try:
             gguf = embedded_gguf_path()
@@ -104,6 +109,7 @@ def load_trunk(
 def load_tokenizer(name_or_path: str | os.PathLike | None = None, **kwargs: object) -> PreTrainedTokenizerBase:
     """Tokenizer matching :func:`load_trunk`'s choice."""
     kwargs.setdefault("trust_remote_code", False)
+    kwargs.setdefault("use_kernels", False)  # module docstring
     if is_embedded(name_or_path if name_or_path is None else os.fspath(name_or_path)):
         try:
             gguf = embedded_gguf_path()

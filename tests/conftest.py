@@ -17,6 +17,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("USE_HUB_KERNELS", "0")  # transformers >= 5.25 turns Hub kernels on in from_pretrained
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -287,6 +287,9 @@ def test_shipped_smollm2_sidecar_matches_the_trunk_layout():
     # Its agreement head's rollbacks did not pay on validation (docs/training.md), so calibration's rule ships tau = 0.
     assert config.agreement_threshold == 0.0
     assert any(float(t.abs().sum()) > 0 for k, t in tensors.items() if k.endswith(".up"))
+    # It carries a trained synthesis slot (docs/training.md, section 9), so `generate(synthesis=True)` runs on it.
+    assert config.synthesis
+    assert any(float(t.abs().sum()) > 0 for k, t in tensors.items() if k.endswith(".synthesis_up"))
 
 
 def test_wilson_interval_exact_values():

@@ -104,8 +104,13 @@ def fit_agreement_head(
     optimiser.step(closure)
     with torch.no_grad():
         after = float(objective())
-    summary = {"blocks": len(gains), "paying": int(pays.sum()), "l2": float(l2), "loss_before": before}
-    summary["loss_after"] = after
+    summary = {
+        "blocks": len(gains),
+        "paying": int(pays.sum()),
+        "l2": float(l2),
+        "loss_before": before,
+        "loss_after": after,
+    }
     return fitted.float().eval(), summary
 
 

@@ -40,6 +40,13 @@ class PDTConfig:
     commit_horizon: int = field(default=32, metadata={"help": "L: most tokens a single rollback may remove (L >= B)."})
     note_lag: int = field(default=1, metadata={"help": "Delta: rounds before a committed note is visible."})
     note_window: int = field(default=16, metadata={"help": "W: most recent visible notes a stream reads."})
+    notes_per_block: int = field(
+        default=1,
+        metadata={
+            "help": "M: notes a committed block publishes, each the notes head on one of M equal, consecutive "
+            "chunks of its tokens (M = block_size: one note per token); W must then hold M times as many."
+        },
+    )
     agreement_threshold: float = field(
         default=0.5, metadata={"help": "tau: commit a block if its agreement score >= tau (calibrated)."}
     )
@@ -86,6 +93,12 @@ class PDTConfig:
         _positive("commit_horizon", self.commit_horizon, "it must be >= block_size, e.g. 32.")
         _positive("note_window", self.note_window, "try note_window=16.")
         _positive("instrument_every", self.instrument_every, "try instrument_every=4.")
+        _positive("notes_per_block", self.notes_per_block, "the default is 1 (one note per block).")
+        if self.notes_per_block > self.block_size:
+            raise ValueError(
+                f"notes_per_block ({self.notes_per_block}) > block_size ({self.block_size}): a block cannot publish "
+                f"more notes than it has tokens; use at most notes_per_block={self.block_size}."
+            )
         _positive("note_capacity", self.note_capacity, "try note_capacity=512.")
         if self.block_size > self.commit_horizon:
             raise ValueError(

@@ -248,7 +248,9 @@ def multi_stream_generate(
         check_candidates(plan_candidates, settings.num_streams, plan)
     what = "num_streams=" if num_streams is not None or plan_candidates is not None else "a plan of length "
     settings.num_streams = _streams_within_sidecar(settings.num_streams, cfg.num_streams, what)
-    _check_note_capacity(settings.num_streams, max_new_tokens, settings.block_size, cfg.note_capacity)
+    _check_note_capacity(
+        settings.num_streams, max_new_tokens, settings.block_size, cfg.notes_per_block, cfg.note_capacity
+    )
     selection, source = None, "plan"
     if plan is None:
         source, outline_items = "outline", plan_candidates if plan_candidates is not None else settings.num_streams
@@ -335,13 +337,13 @@ def _select(model, tokenizer, prompt: str, candidates: list[str], k: int, limit:
     return selection
 
 
-def _check_note_capacity(k: int, max_new_tokens: int, block_size: int, capacity: int) -> None:
-    needed = k * (1 + -(-max_new_tokens // block_size))  # planner note + one per block, per stream
+def _check_note_capacity(k: int, max_new_tokens: int, block_size: int, per_block: int, capacity: int) -> None:
+    needed = k * (1 + per_block * -(-max_new_tokens // block_size))  # planner note + M per block, per stream
     if needed > capacity:
         raise ValueError(
-            f"this generation may publish {needed} notes (num_streams={k} x (1 + ceil(max_new_tokens="
-            f"{max_new_tokens} / block_size={block_size}))) but note_capacity is {capacity}; lower max_new_tokens "
-            "or num_streams, raise block_size, or raise PDTConfig.note_capacity."
+            f"this generation may publish {needed} notes (num_streams={k} x (1 + notes_per_block={per_block} x "
+            f"ceil(max_new_tokens={max_new_tokens} / block_size={block_size}))) but note_capacity is {capacity}; "
+            "lower max_new_tokens or num_streams, raise block_size, or raise PDTConfig.note_capacity."
         )
 
 

@@ -159,7 +159,7 @@ class MultiStreamDecoder:
     def make_bus(self, planner_notes: torch.Tensor) -> NoteBus:
         s, cfg, sidecar = self.settings, self.model.pdt_config, self.model.sidecar
         k = planner_notes.shape[0]
-        needed = k * (1 + -(-s.max_new_tokens // s.block_size))
+        needed = k * (1 + cfg.notes_per_block * -(-s.max_new_tokens // s.block_size))
         if needed > cfg.note_capacity:
             raise ValueError(
                 f"this generation may publish {needed} notes but note_capacity is {cfg.note_capacity}; raise "
@@ -257,18 +257,19 @@ class MultiStreamDecoder:
     def judge(
         self, states: list[StreamState], judged: list[int], round: int, planner_notes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Notes, own-item coverage and agreement score ``[J]`` for the blocks of ``judged``."""
+        """Published notes ``[J, M, d_note]``, own-item coverage and agreement score ``[J]`` of ``judged``'s blocks."""
         heads = self.model.sidecar.heads
         hidden = pad_sequence([torch.stack(states[k].block_hidden) for k in judged], batch_first=True)  # [J, n, d]
         lengths = torch.tensor([len(states[k].block_hidden) for k in judged], device=self.device)
         mask = torch.arange(hidden.shape[1], device=self.device)[None] < lengths[:, None]  # [J, n]
-        notes = heads.notes(hidden, mask)  # [J, d_note]
+        notes = heads.notes.publish(hidden, mask)  # [J, M, d_note]
+        block_note = notes.mean(1)  # [J, d_note], what heads.notes(hidden, mask) gives
         plan = planner_notes.unsqueeze(0).expand(len(judged), -1, -1)  # [J, K, d_note]
         streams = torch.tensor(judged, device=self.device)
-        coverage = heads.coverage(notes, plan).sigmoid()[torch.arange(len(judged)), streams]  # [J]
+        coverage = heads.coverage(block_note, plan).sigmoid()[torch.arange(len(judged)), streams]  # [J]
         read = self.bus.read(streams, round)
         summary = _segment_mean(self.bus.notes[read.indices], read.counts)  # [J, d_note]
-        score = heads.agreement(masked_mean(hidden, mask), summary, coverage, notes).sigmoid()  # [J]
+        score = heads.agreement(masked_mean(hidden, mask), summary, coverage, block_note).sigmoid()  # [J]
         return notes, coverage, score
 
     # ------------------------------------------------------------------ the loop
@@ -350,7 +351,9 @@ class MultiStreamDecoder:
             )
         if publish:
             ids, vectors = zip(*publish)
-            self.bus.publish(torch.tensor(ids, device=self.device), round, self._ablate(torch.stack(vectors)))
+            vectors = self._ablate(torch.stack(vectors))  # [P, M, d_note]; a shuffle swaps whole blocks
+            ids = torch.tensor(ids, device=self.device).repeat_interleave(vectors.shape[1])
+            self.bus.publish(ids, round, vectors.flatten(0, 1))
 
     def _decide(
         self,
@@ -361,7 +364,7 @@ class MultiStreamDecoder:
         next_logits: torch.Tensor,
         score: float,
         coverage: float,
-        note: torch.Tensor,
+        note: torch.Tensor,  # [M, d_note]
     ) -> list[tuple[int, torch.Tensor]]:
         s, n = self.settings, len(state.block)
         passed = score >= s.agreement_threshold or not s.rollback

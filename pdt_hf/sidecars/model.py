@@ -35,7 +35,7 @@ class PDTSidecar(nn.Module):
             {i: StreamAdapter(hidden_size, config.num_streams, config.adapter, config.synthesis) for i in layers}
         )
         self.snc = nn.ModuleDict({i: NoteCrossAttention(hidden_size, config.d_note, config.snc) for i in layers})
-        self.heads = PDTHeads(hidden_size, config.d_note, config.num_streams, config.heads)
+        self.heads = PDTHeads(hidden_size, config.d_note, config.num_streams, config.heads, config.notes_per_block)
         self.context: SidecarContext | None = None
 
     @property

@@ -34,7 +34,7 @@ import torch
 from ..sidecars.context import DenseNotes
 from .batch import TrainBatch
 from .losses import note_alignment_loss
-from .objective import PDTObjective, block_states, concat_notes
+from .objective import PDTObjective, block_notes, block_states, concat_notes
 
 __all__ = [
     "agreement_report",
@@ -85,7 +85,7 @@ def evaluate_split(
             per_example[f"kd_{v}"] += (by_example @ (kd_tok * mask)[i * n : (i + 1) * n].sum(1).float()).tolist()
         tokens += count
         states = block_states(hidden[:n], batch.query_round, r)
-        note_pred = heads.notes(states.flatten(0, 1).unsqueeze(1)).view(n, r, -1)
+        note_pred = block_notes(heads.notes, hidden[:n], batch.query_round, r).mean(2)
         has = batch.block_has_state
         notes_mse += float(note_alignment_loss(note_pred, batch.note_targets, has)) * float(has.sum())
         blocks += float(has.sum())

@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from ..modeling import PDTForCausalLM
 from ..sidecars.context import DenseNotes
+from ..sidecars.heads.layer import chunk_means
 from ..trunk.architectures import base_model, trunk_logits
 from ..trunk.compat import cache_kwargs
 from .batch import TrainBatch
@@ -52,7 +53,7 @@ from .losses import (
 from .notes import ablate_block_notes, row_notes, visible_summary
 from .rounds import NO_NOTES_ROUND
 
-__all__ = ["PDTObjective", "PrefixKV", "block_states", "concat_notes"]
+__all__ = ["PDTObjective", "PrefixKV", "block_notes", "block_states", "concat_notes"]
 
 
 @dataclass
@@ -71,6 +72,16 @@ def block_states(hidden: torch.Tensor, query_round: torch.Tensor, num_blocks: in
     member = (query_round.unsqueeze(-1) == rounds).to(hidden.dtype)  # [N, S, R]
     sums = torch.einsum("nsr,nsd->nrd", member, hidden)
     return sums / member.sum(1).unsqueeze(-1).clamp(min=1.0)
+
+
+def block_notes(
+    notes_head: nn.Module, hidden: torch.Tensor, query_round: torch.Tensor, num_blocks: int
+) -> torch.Tensor:
+    """The notes each round's block publishes, ``[N, R, M, d_note]``, as ``NotesHead.publish`` gives them in
+    decoding (the block's tokens are the positions computed in that round)."""
+    rounds = torch.arange(1, num_blocks + 1, device=hidden.device)
+    member = query_round.unsqueeze(-1) == rounds  # [N, S, R]
+    return notes_head.from_states(chunk_means(hidden, member, notes_head.notes_per_block))
 
 
 class PDTObjective(nn.Module):
@@ -159,7 +170,7 @@ class PDTObjective(nn.Module):
     def note_pass(
         self, batch: TrainBatch, prefix: PrefixKV | None, mode: str | None = None, grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Notes siblings publish: planner ``[N, d_note]``, block notes ``[N, R, d_note]``, validity ``[N, R]``.
+        """Notes siblings publish: planner ``[N, d_note]``, block notes ``[N, R, M, d_note]``, validity ``[N, R]``.
 
         ``mode`` is ``student`` or ``teacher`` (default: ``train.sibling_notes``). The trunk pass never keeps a
         graph; with ``grad`` the planner and notes heads on its states do, so a loss on the rows that read these
@@ -171,11 +182,11 @@ class PDTObjective(nn.Module):
             hidden = self.run_rows(batch, rows, None, prefix, width)
             width = hidden.shape[1]
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            if teacher:
-                blocks = batch.note_targets
+            if teacher:  # every published note of a block is the block's target
+                m = heads.notes.notes_per_block
+                blocks = batch.note_targets.unsqueeze(2).expand(-1, -1, m, -1)
             else:
-                states = block_states(hidden, batch.query_round, batch.num_blocks)
-                blocks = heads.notes(states.flatten(0, 1).unsqueeze(1)).view(*states.shape[:2], -1)
+                blocks = block_notes(heads.notes, hidden, batch.query_round, batch.num_blocks)
             planner = heads.planner(hidden, self.suffix_mask(batch, width), batch.stream_ids)
         return planner, blocks, batch.block_has_state
 
@@ -190,7 +201,7 @@ class PDTObjective(nn.Module):
         """Dense notes of every row; ``ablate`` (``shuffle``/``drop``) replaces the sibling block notes."""
         e, k = batch.num_examples, batch.num_streams
         planner = planner.view(e, k, -1).float()
-        blocks, valid = blocks.view(e, k, batch.num_blocks, -1).float(), valid.view(e, k, -1)
+        blocks, valid = blocks.view(e, k, *blocks.shape[1:]).float(), valid.view(e, k, -1)  # [E, K, R, M, d]
         if ablate:
             blocks, valid = ablate_block_notes(blocks, valid, ablate)
         cfg = self.model.pdt_config
@@ -227,7 +238,7 @@ class PDTObjective(nn.Module):
         hidden = self.run_rows(batch, rows, notes, prefix)  # [N or 2N, S, d]
         true_hidden = hidden[:n]
         states = block_states(true_hidden, batch.query_round, r)  # [N, R, d]
-        note_pred = heads.notes(states.flatten(0, 1).unsqueeze(1)).view(n, r, -1)  # [N, R, d_note]
+        note_pred = block_notes(heads.notes, true_hidden, batch.query_round, r).mean(2)  # [N, R, d_note]
         out: dict[str, torch.Tensor] = {}
         if "notes" in weights:
             out["notes"] = note_alignment_loss(note_pred, batch.note_targets, batch.block_has_state)
@@ -275,9 +286,12 @@ class PDTObjective(nn.Module):
         invalid (the no-notes reference: SNC then gives an exact zero)."""
         e, k, r = batch.num_examples, batch.num_streams, batch.num_blocks
         planner, blocks, valid = self.note_pass(batch, self.prefix_kv(batch), grad=grad)
-        notes = torch.cat([planner.view(e, k, 1, -1), blocks.view(e, k, r, -1)], dim=2).float()  # [E, K, 1+R, d]
-        valid = torch.cat([torch.ones_like(valid.view(e, k, r)[..., :1]), valid.view(e, k, r)], dim=2)  # [E, K, 1+R]
-        valid = valid.flatten(1) & (not drop)  # [E, K (1+R)]
+        m = blocks.shape[2]
+        blocks = blocks.reshape(e, k, r * m, -1)  # a block's M notes in a row, as the bus stores them
+        valid = valid.view(e, k, r).repeat_interleave(m, dim=2)
+        notes = torch.cat([planner.view(e, k, 1, -1), blocks], dim=2).float()  # [E, K, 1 + R M, d]
+        valid = torch.cat([torch.ones_like(valid[..., :1]), valid], dim=2)  # [E, K, 1 + R M]
+        valid = valid.flatten(1) & (not drop)  # [E, K (1 + R M)]
         return DenseNotes(notes=notes.flatten(1, 2), note_valid=valid)
 
     def synthesis_token_losses(self, batch: TrainBatch, notes: DenseNotes | None) -> tuple[torch.Tensor, torch.Tensor]:

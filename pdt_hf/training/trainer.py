@@ -135,6 +135,7 @@ def train(recipe: RecipeConfig, resume: bool = False) -> dict:
         -(-manifest["build_key"]["section_max_tokens"] // cfg.block_size),
         cfg.note_window,
         cfg.read_own_notes,
+        cfg.notes_per_block,
     )
     projection = load_projection(recipe.data.path)
     train_set = load_split(recipe.data.path, "train", manifest)

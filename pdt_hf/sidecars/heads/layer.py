@@ -1,6 +1,7 @@
 """Heads read off the trunk's last hidden states.
 
-- ``NotesHead``: block summary ``[N, T, d]`` + mask -> note ``[N, d_note]``.
+- ``NotesHead``: block states ``[N, T, d]`` + mask -> the block's M published notes ``[N, M, d_note]``
+  (``publish``, one per chunk of its tokens) and their mean, the block note ``[N, d_note]`` (``forward``).
 - ``PlannerHead``: pooled prompt+plan-item state and stream id -> snapshot-0 note.
 - ``CoverageHead``: block note vs plan-item notes -> logits ``[N, P]``.
 - ``AgreementHead``: pooled block state, visible-notes summary, coverage and
@@ -28,18 +29,52 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def chunk_means(hidden: torch.Tensor, member: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Means of ``chunks`` consecutive, equal chunks of each group's tokens: ``[N, T, d]``, ``[N, T, G]`` -> ``[N, G, M, d]``.
+
+    ``member[n, t, g]`` says token t belongs to group g (a block). The i-th of a group's n tokens goes to chunk
+    ``i * M // n``, so chunk sizes differ by at most one; a chunk left empty (a group shorter than M) takes the
+    whole group's mean, and an empty group gives zeros. With M = 1 this is the group's masked mean.
+    """
+    w = member.to(hidden.dtype)  # [N, T, G]
+    count = w.sum(1, keepdim=True)  # [N, 1, G]
+    rank = w.cumsum(1) - 1.0
+    index = torch.div(rank * chunks, count.clamp(min=1.0), rounding_mode="floor").long().clamp(0, chunks - 1)
+    weights = w.unsqueeze(-1) * nn.functional.one_hot(index, chunks).to(hidden.dtype)  # [N, T, G, M]
+    sums = torch.einsum("ntgm,ntd->ngmd", weights, hidden)
+    sizes = weights.sum(1).unsqueeze(-1)  # [N, G, M, 1]
+    whole = torch.einsum("ntg,ntd->ngd", w, hidden) / count.transpose(1, 2).clamp(min=1.0)  # [N, G, d]
+    return torch.where(sizes > 0, sums / sizes.clamp(min=1.0), whole.unsqueeze(2))
+
+
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
 
 class NotesHead(nn.Module):
-    def __init__(self, hidden_size: int, d_note: int, config: HeadsConfig) -> None:
+    """The notes a block publishes: the MLP on the mean state of each of M chunks of its tokens (M =
+    ``notes_per_block``; M = 1 is one note of the whole block). ``forward`` is their mean, the block note the
+    coverage, agreement and speculation heads and the alignment loss read."""
+
+    def __init__(self, hidden_size: int, d_note: int, config: HeadsConfig, notes_per_block: int = 1) -> None:
         super().__init__()
         self.mlp = _mlp(hidden_size, config.hidden_size, d_note)
+        self.notes_per_block = notes_per_block
+
+    def from_states(self, states: torch.Tensor) -> torch.Tensor:
+        """Pooled states ``[..., d]`` -> notes ``[..., d_note]``."""
+        return self.mlp(rms_norm(states.to(self.mlp[0].weight.dtype)))
+
+    def publish(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, T, d]``, ``[N, T]`` -> the block's published notes ``[N, M, d_note]``."""
+        if self.notes_per_block == 1:
+            return self.from_states(masked_mean(hidden, mask)).unsqueeze(1)
+        member = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if mask is None else mask
+        return self.from_states(chunk_means(hidden, member.unsqueeze(-1), self.notes_per_block).squeeze(1))
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[N, T, d]``, ``[N, T]`` -> ``[N, d_note]``."""
-        return self.mlp(rms_norm(masked_mean(hidden, mask).to(self.mlp[0].weight.dtype)))
+        """``[N, T, d]``, ``[N, T]`` -> the block note ``[N, d_note]`` (the mean of the published notes)."""
+        return self.publish(hidden, mask).mean(1)
 
 
 class PlannerHead(nn.Module):
@@ -119,9 +154,11 @@ class SpeculationHead(nn.Module):
 class PDTHeads(nn.Module):
     """The five heads as one module (``sidecar.heads.notes`` etc.)."""
 
-    def __init__(self, hidden_size: int, d_note: int, num_streams: int, config: HeadsConfig) -> None:
+    def __init__(
+        self, hidden_size: int, d_note: int, num_streams: int, config: HeadsConfig, notes_per_block: int = 1
+    ) -> None:
         super().__init__()
-        self.notes = NotesHead(hidden_size, d_note, config)
+        self.notes = NotesHead(hidden_size, d_note, config, notes_per_block)
         self.planner = PlannerHead(hidden_size, d_note, num_streams, config)
         self.coverage = CoverageHead(d_note, config)
         self.agreement = AgreementHead(hidden_size, d_note, config)

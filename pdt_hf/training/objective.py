@@ -201,7 +201,7 @@ class PDTObjective(nn.Module):
         """Dense notes of every row; ``ablate`` (``shuffle``/``drop``) replaces the sibling block notes."""
         e, k = batch.num_examples, batch.num_streams
         planner = planner.view(e, k, -1).float()
-        blocks, valid = blocks.view(e, k, *blocks.shape[1:]).float(), valid.view(e, k, -1)  # [E, K, R, M, d]
+        blocks, valid = blocks.reshape(e, k, *blocks.shape[1:]).float(), valid.view(e, k, -1)  # [E, K, R, M, d]
         if ablate:
             blocks, valid = ablate_block_notes(blocks, valid, ablate)
         cfg = self.model.pdt_config

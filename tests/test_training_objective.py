@@ -189,3 +189,28 @@ def test_gate_learning_rate_scales_only_the_snc_gates(tiny):
     assert {id(p) for p in groups[1]["params"]} == gates
     assert sum(len(g["params"]) for g in groups) == len(params)
     assert len(param_groups(sidecar, set_trainable(sidecar, ["adapters"]), 1e-3, 10.0)) == 1
+
+
+def test_several_notes_per_block_each_reach_later_rounds_and_train_the_notes_head(tiny):
+    """With M = 2 every chunk note of a sibling's block is read from the next round on and gets a gradient."""
+    recipe = dataclasses.replace(tiny[0], pdt=dataclasses.replace(tiny[0].pdt, notes_per_block=2, note_window=64))
+    objective, pad_id = _objective(recipe, reuse=True)
+    batch = _batch(tiny, pad_id)
+    rows = torch.arange(len(batch.stream_ids))
+    with torch.no_grad():
+        prefix = objective.prefix_kv(batch)
+        planner, blocks, valid = objective.note_pass(batch, prefix)
+        assert blocks.shape[:3] == (len(rows), batch.num_blocks, 2)
+        base = objective.run_rows(batch, rows, objective.build_notes(batch, planner, blocks, valid), prefix)
+        for chunk in range(2):
+            changed = blocks.clone()
+            changed[1, 0, chunk] += 5.0  # example 0, stream 1, round 1: one of its two notes
+            moved = objective.run_rows(batch, rows, objective.build_notes(batch, planner, changed, valid), prefix)
+            rounds = batch.query_round[0]
+            sees = (rounds != NO_NOTES_ROUND) & (rounds >= 1 + recipe.pdt.note_lag)
+            delta = (moved - base).abs().amax(-1)[0]
+            assert float(delta[~sees].max()) == 0.0 and float(delta[sees].min()) > 0.0
+    out = objective(batch, WEIGHTS, notes_visible=True, note_grad=True)
+    out["loss"].backward()
+    grads = [p.grad for p in objective.sidecar.heads.notes.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0

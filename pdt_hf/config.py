@@ -142,6 +142,10 @@ class PDTConfig:
         """Stream id of the synthesis slot (``num_streams``); valid only when ``synthesis`` is true."""
         return self.num_streams
 
+    def notes_needed(self, num_streams: int, max_new_tokens: int, block_size: int) -> int:
+        """Bus rows one generate may publish: per stream, a planner note plus M per block."""
+        return num_streams * (1 + self.notes_per_block * -(-max_new_tokens // block_size))
+
     # ------------------------------------------------------------------ trunk-dependent values
     def resolve(self, trunk_config: object) -> PDTConfig:
         """Return a copy with ``d_note``, ``instrumented_layers`` and the fingerprint filled for ``trunk_config``."""

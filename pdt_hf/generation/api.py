@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteriaList
 
+from ..config import PDTConfig
 from .decode import MultiStreamDecoder
 from .output import MultiStreamOutput
 from .plan import (
@@ -248,9 +249,7 @@ def multi_stream_generate(
         check_candidates(plan_candidates, settings.num_streams, plan)
     what = "num_streams=" if num_streams is not None or plan_candidates is not None else "a plan of length "
     settings.num_streams = _streams_within_sidecar(settings.num_streams, cfg.num_streams, what)
-    _check_note_capacity(
-        settings.num_streams, max_new_tokens, settings.block_size, cfg.notes_per_block, cfg.note_capacity
-    )
+    _check_note_capacity(cfg, settings.num_streams, max_new_tokens, settings.block_size)
     selection, source = None, "plan"
     if plan is None:
         source, outline_items = "outline", plan_candidates if plan_candidates is not None else settings.num_streams
@@ -337,13 +336,14 @@ def _select(model, tokenizer, prompt: str, candidates: list[str], k: int, limit:
     return selection
 
 
-def _check_note_capacity(k: int, max_new_tokens: int, block_size: int, per_block: int, capacity: int) -> None:
-    needed = k * (1 + per_block * -(-max_new_tokens // block_size))  # planner note + M per block, per stream
-    if needed > capacity:
+def _check_note_capacity(cfg: PDTConfig, k: int, max_new_tokens: int, block_size: int) -> None:
+    needed = cfg.notes_needed(k, max_new_tokens, block_size)
+    if needed > cfg.note_capacity:
         raise ValueError(
-            f"this generation may publish {needed} notes (num_streams={k} x (1 + notes_per_block={per_block} x "
-            f"ceil(max_new_tokens={max_new_tokens} / block_size={block_size}))) but note_capacity is {capacity}; "
-            "lower max_new_tokens or num_streams, raise block_size, or raise PDTConfig.note_capacity."
+            f"this generation may publish {needed} notes (num_streams={k} x (1 + notes_per_block="
+            f"{cfg.notes_per_block} x ceil(max_new_tokens={max_new_tokens} / block_size={block_size}))) but "
+            f"note_capacity is {cfg.note_capacity}; lower max_new_tokens or num_streams, raise block_size, or raise "
+            "PDTConfig.note_capacity."
         )
 
 

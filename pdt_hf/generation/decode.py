@@ -159,7 +159,7 @@ class MultiStreamDecoder:
     def make_bus(self, planner_notes: torch.Tensor) -> NoteBus:
         s, cfg, sidecar = self.settings, self.model.pdt_config, self.model.sidecar
         k = planner_notes.shape[0]
-        needed = k * (1 + cfg.notes_per_block * -(-s.max_new_tokens // s.block_size))
+        needed = cfg.notes_needed(k, s.max_new_tokens, s.block_size)
         if needed > cfg.note_capacity:
             raise ValueError(
                 f"this generation may publish {needed} notes but note_capacity is {cfg.note_capacity}; raise "

@@ -1,10 +1,11 @@
 """Assembling the notes each training row may read, in the same visibility rule as decoding.
 
 Each example has, per stream j, one planner note (snapshot 0, always visible) and M = ``notes_per_block``
-notes per block r (published at the end of round r; M = 1 below). Row ``n = e * K + k`` carries all of example e's notes as a padded list and
-the rule of :class:`~pdt_hf.sidecars.context.DenseNotes` does the rest: token t of the row sees note m iff it
-is valid, comes from a sibling (``j != k`` unless ``read_own_notes``) and ``note_round <= query_round[t] - lag``.
-Layout for K = 2, R = 2 (M = K * (1 + R) = 6 notes per row)::
+notes per block r (published at the end of round r; M = 1 below). Row ``n = e * K + k`` carries all of
+example e's notes as a padded list and the rule of :class:`~pdt_hf.sidecars.context.DenseNotes` does the
+rest: token t of the row sees note m iff it is valid, comes from a sibling (``j != k`` unless
+``read_own_notes``) and ``note_round <= query_round[t] - lag``. Layout for K = 2, R = 2 (K * (1 + R) = 6
+notes per row)::
 
     note slot m       0        1    2    3        4    5
     source stream     0        0    0    1        1    1

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from ..modeling import PDTForCausalLM
 from ..sidecars.context import DenseNotes
-from ..sidecars.heads.layer import chunk_means
+from ..sidecars.heads.layer import NotesHead, chunk_means
 from ..trunk.architectures import base_model, trunk_logits
 from ..trunk.compat import cache_kwargs
 from .batch import TrainBatch
@@ -75,7 +75,7 @@ def block_states(hidden: torch.Tensor, query_round: torch.Tensor, num_blocks: in
 
 
 def block_notes(
-    notes_head: nn.Module, hidden: torch.Tensor, query_round: torch.Tensor, num_blocks: int
+    notes_head: NotesHead, hidden: torch.Tensor, query_round: torch.Tensor, num_blocks: int
 ) -> torch.Tensor:
     """The notes each round's block publishes, ``[N, R, M, d_note]``, as ``NotesHead.publish`` gives them in
     decoding (the block's tokens are the positions computed in that round)."""

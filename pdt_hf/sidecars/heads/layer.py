@@ -67,7 +67,7 @@ class NotesHead(nn.Module):
 
     def publish(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, T, d]``, ``[N, T]`` -> the block's published notes ``[N, M, d_note]``."""
-        if self.notes_per_block == 1:
+        if self.notes_per_block == 1:  # the decode hot path's default: one masked mean, no chunk bookkeeping
             return self.from_states(masked_mean(hidden, mask)).unsqueeze(1)
         member = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if mask is None else mask
         return self.from_states(chunk_means(hidden, member.unsqueeze(-1), self.notes_per_block).squeeze(1))

@@ -31,7 +31,7 @@ from pdt_hf.generation.text_bus import (
 )
 from pdt_hf.training.config import load_recipe
 from pdt_hf.training.data.builder import build_dataset
-from pdt_hf.training.data.ceiling import measure_ceiling
+from pdt_hf.training.data.ceiling import copy_flags, donor_contexts, measure_ceiling
 from pdt_hf.training.data.schema import DatasetMismatchError, check_compatible, load_manifest, load_split
 from pdt_hf.training.data.teacher import round_segments
 from pdt_hf.training.loading import load_trunk_and_tokenizer
@@ -204,7 +204,35 @@ def test_serial_mode_keeps_zero_dependence_for_the_first_section(lag_data, tmp_p
         assert [t[0] for t in row["kd_ids"][0]] == row["section_ids"][0]
 
 
-def test_ceiling_measures_three_teachers_on_the_same_tokens(lag_data, tmp_path) -> None:
+def test_copy_flags_exact() -> None:
+    # B = 2, Δ = 1: the reader's round-2 tokens (positions 2-3) read the siblings' block 1, round 3 their blocks 1-2
+    sections = [[5, 6, 7, 8, 9], [1, 5, 6, 9, 7, 8], [7, 8]]
+    visible, copied = copy_flags(sections, 1, block_size=2, lag=1)
+    assert visible.tolist() == [False, False, True, True, True, True]
+    # pos 2: bigram (5, 6) is in stream 0's block 1; pos 3: (6, 9) is nowhere; pos 5: (7, 8) is in 0's blocks 1-2 and in 2
+    assert copied.tolist() == [False, False, True, False, False, True]
+    visible, copied = copy_flags([[5, 6], [], [5, 6, 7]], 2, block_size=2, lag=1)
+    assert visible.tolist() == [False, False, True] and copied.tolist() == [False, False, False]  # (6, 7) unseen
+    assert not copy_flags([[5, 6], [5, 6]], 1, block_size=2, lag=2)[0].any()  # Δ = 2: nothing visible yet
+
+
+def test_donor_contexts_change_only_the_sibling_text() -> None:
+    tok = char_tokenizer()
+    sections = [ids(tok, "a claim here"), ids(tok, "some proof"), ids(tok, "so it is")]
+    donor = [ids(tok, "ZZZZ"), ids(tok, "YYYYYYYY"), ids(tok, "XXXXXX")]
+    assert donor_contexts(tok, PROMPT, PLAN, sections, sections, 1, 4) == round_contexts(
+        tok, PROMPT, PLAN, sections, 1, 4
+    )
+    contexts = donor_contexts(tok, PROMPT, PLAN, sections, donor, 1, 4)
+    assert [len(c) for c in contexts] == [3, 3, 2]
+    reader = render_ids(tok, stream_message(PROMPT, PLAN, "Evidence"))
+    assert contexts[1][0] == reader  # round 1: nothing visible, the isolated message
+    expected = lag_message(PROMPT, PLAN, 1, [(0, "ZZZZ"), (2, "XXXX")])  # round 2: the donor's block 1
+    assert contexts[1][1] == render_ids(tok, expected)
+    assert contexts[1][2] == render_ids(tok, lag_message(PROMPT, PLAN, 1, [(0, "ZZZZ"), (2, "XXXXXX")]))
+
+
+def test_ceiling_measures_four_teachers_on_the_same_tokens(lag_data, tmp_path) -> None:
     _, _, overrides, recipe = lag_data
     result = measure_ceiling(recipe, "validation", "serial", limit=3, progress=False)
     tokens = result["tokens"]
@@ -212,16 +240,36 @@ def test_ceiling_measures_three_teachers_on_the_same_tokens(lag_data, tmp_path) 
     for rec in tokens:
         rounds = rec["round"]
         assert rounds == [i // 4 + 1 for i in range(len(rounds))]
+        assert all(r > 1 for r, seen in zip(rounds, rec["visible"]) if seen)  # lag 1: from round 2 on
         for i, r in enumerate(rounds):
-            if r == 1:  # lag 1: round 1 is isolated, so (b) = (c) and KL(a||b) = KL(a||c)
-                assert rec["kl_lag_iso"][i] < 1e-5
+            if r == 1:  # lag 1: round 1 is isolated, so (b) = (c) = (d) and KL(a||b) = KL(a||c)
+                assert rec["kl_lag_iso"][i] < 1e-5 and rec["kl_lag_donor"][i] < 1e-5
                 assert rec["kl_serial_lag"][i] == pytest.approx(rec["kl_serial_iso"][i], abs=1e-5)
+                assert not rec["visible"][i] and not rec["copied"][i]
             if rec["section"] == 0:  # the serial context of section 1 is its stream message
                 assert rec["kl_serial_iso"][i] < 1e-5
+    # Another prompt's text moves the teacher (the random tiny trunk barely reads context: KL(lag||iso) ~ 1e-5).
+    assert any(v > 1e-7 for rec in tokens for v in rec["kl_lag_donor"])
     summary = result["summary"]
     assert set(summary["by_section"]) == {"0", "1"} and "1" in summary["by_round"]
     cell = summary["all"]["kl_serial_lag"]
     assert cell["low"] <= cell["mean"] <= cell["high"] and cell["tokens"] == sum(len(t["round"]) for t in tokens)
+    visible = summary["by_copy"]["visible"]["kl_lag_iso"]["tokens"]
+    copied = summary["by_copy"]["copied"]
+    not_copied = summary["by_copy"]["not copied"]["kl_lag_iso"]["tokens"]
+    assert visible == (copied["kl_lag_iso"]["tokens"] if copied["kl_lag_iso"] else 0) + not_copied
+    lag_mass = sum(sum(t["kl_lag_iso"]) for t in tokens)
+    content = summary["shares"]["content"]
+    assert content["mean"] == pytest.approx(sum(sum(t["kl_lag_donor"]) for t in tokens) / lag_mass)
+    assert content["low"] <= content["mean"] <= content["high"]
+    copied_mass = sum(v for t in tokens for v, c in zip(t["kl_lag_iso"], t["copied"]) if c)
+    assert summary["shares"]["copied"]["mean"] == pytest.approx(copied_mass / lag_mass)
+
+
+def test_ceiling_needs_a_donor_prompt(lag_data) -> None:
+    _, _, _, recipe = lag_data
+    with pytest.raises(ValueError, match=r"1 prompt\(s\).*--limit >= 2"):
+        measure_ceiling(recipe, "validation", "lag", limit=1, progress=False)
 
 
 def test_pdt_data_ceiling_cli_writes_json_markdown_and_png(lag_data, tmp_path) -> None:
@@ -235,6 +283,8 @@ def test_pdt_data_ceiling_cli_writes_json_markdown_and_png(lag_data, tmp_path) -
     assert result["writer"] == "lag" and result["command"].startswith("pdt data ceiling --config")
     markdown = (out / "ceiling-validation-lag.md").read_text()
     assert "| section 1 |" in markdown and "| round 1 |" in markdown and "| **all** |" in markdown
+    assert "KL(lag ‖ donor)" in markdown and "| of them, continuing a sibling bigram |" in markdown
+    assert "- content-specific gain (sum of KL(lag ‖ donor)):" in markdown
     assert (out / "ceiling-validation-lag.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

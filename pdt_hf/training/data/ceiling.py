@@ -1,21 +1,27 @@
 """``pdt data ceiling``: how much of the teacher's sibling dependence a parallel stream could reach through notes.
 
-For every block of every section of a split's prompts, three teacher distributions over the **same** section
+For every block of every section of a split's prompts, four teacher distributions over the **same** section
 tokens (the teacher is the recipe's: the trunk or ``data.build.teacher``):
 
 - (a) *serial*: section k read after the prompt, the plan and the whole of sections 0..k-1 (``serial_message``);
 - (b) *lag-consistent*: block r read after the prompt, the plan and the sibling blocks of rounds <= r - Δ as
   text (``generation.text_bus``), the stream's own earlier blocks as the assistant's text so far;
-- (c) *isolated*: the student's stream message alone (no sibling content).
+- (c) *isolated*: the student's stream message alone (no sibling content);
+- (d) *donor*: (b)'s layout and headings, with the sibling text taken from another prompt of the split (the
+  next one, cyclically) at the same lag: the teacher-side twin of the student's shuffled notes.
 
-Reported per section index, per round and overall: KL(b ‖ c), the *reachable gain* (what sibling content a
-stream can see at that lag changes in the teacher); KL(a ‖ c), the serial teacher's sibling dependence (what the
-``serial`` data set's ``sibling_dependence`` approximates over top-k buckets); KL(a ‖ b), the part of the serial
-target no stream can reach. KLs are exact over the full vocabulary, nats per token.
+Reported per section index, per round, by copying and overall: KL(b ‖ c), the *reachable gain* (what sibling
+content a stream can see at that lag changes in the teacher); KL(b ‖ d), its *content-specific* part (what the
+siblings' actual text changes beyond the layout and the presence of some sibling text, which a stream adapter
+can learn without reading anything); KL(a ‖ c), the serial teacher's sibling dependence (what the ``serial``
+data set's ``sibling_dependence`` approximates over top-k buckets); KL(a ‖ b), the part of the serial target no
+stream can reach. KLs are exact over the full vocabulary, nats per token. *Copying*: a token whose bigram with
+the previous section token occurs in the sibling text it reads in (b) continues that text; the split shows how
+much of the reachable gain is such copying, which a pooled block note cannot carry token by token.
 
 Design decisions:
 - The sections come from one writer (``--writer serial``: the serial teacher, today's data; ``lag``: the lag
-  teacher), with the plans the teacher writes for ``pdt data build``, so all three distributions score the same
+  teacher), with the plans the teacher writes for ``pdt data build``, so all four distributions score the same
   tokens.
 - Statistics: a prompt's value in a cell (section k, round r, or all) is the mean over its tokens there; the table
   shows the mean over prompts with a 95% percentile-bootstrap interval over prompts (``evaluation.stats``).
@@ -35,19 +41,30 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ...evaluation.stats import bootstrap_ci
+from ...evaluation.stats import bootstrap_ci, ratio_ci
 from ...generation.prompts import render_ids, stream_message
-from ...generation.text_bus import check_lag, round_contexts
+from ...generation.text_bus import check_lag, lag_context, round_contexts
 from ..rounds import num_blocks, predicted_blocks
 from .builder import load_teacher, write_lag, write_plans, write_serial
 from .config import SPLITS
 from .plan import serial_message
 from .sources import load_prompts, split_prompts
 
-__all__ = ["KL_NAMES", "ceiling_markdown", "measure_ceiling", "plot_ceiling", "run_ceiling_command", "summarize"]
+__all__ = [
+    "KL_NAMES",
+    "ceiling_markdown",
+    "copy_flags",
+    "donor_contexts",
+    "measure_ceiling",
+    "plot_ceiling",
+    "run_ceiling_command",
+    "score_teachers",
+    "summarize",
+]
 
 KL_NAMES = {
     "kl_lag_iso": "KL(lag ‖ isolated): reachable gain",
+    "kl_lag_donor": "KL(lag ‖ donor): content-specific gain",
     "kl_serial_iso": "KL(serial ‖ isolated): serial sibling dependence",
     "kl_serial_lag": "KL(serial ‖ lag): unreachable part",
 }
@@ -58,33 +75,69 @@ def _kl(logp: torch.Tensor, logq: torch.Tensor) -> np.ndarray:
     return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0).double().numpy()
 
 
-def score_three(teacher, prompts, plans, sections, block_size: int, lag: int, batch_rows: int) -> list[dict]:
-    """Per-token KLs of every section: ``[{prompt, section, round, kl_*}]`` rows (token-level, numpy arrays)."""
+def donor_contexts(tokenizer, prompt, plan, sections, donor, lag: int, block_size: int) -> list[list[list[int]]]:
+    """``[K][nb_k]`` stream k's lag-layout contexts, every sibling's text taken from ``donor`` (``[K]`` token lists).
+
+    Same headings, same lag, same visibility rule as :func:`generation.text_bus.round_contexts`; only the sibling
+    content is another prompt's, so (b) against (d) isolates what the content itself changes.
+    """
+    out = []
+    for k, own in enumerate(sections):
+        mixed = [list(donor[j]) if j != k else list(own) for j in range(len(sections))]
+        nb = num_blocks(len(own), block_size)
+        out.append([lag_context(tokenizer, prompt, plan, mixed, k, r, lag, block_size) for r in range(1, nb + 1)])
+    return out
+
+
+def copy_flags(sections, reader: int, block_size: int, lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per token of section ``reader``: (sibling text visible, the token's bigram occurs in that text)."""
+    section = list(sections[reader])
+    visible, copied = np.zeros(len(section), bool), np.zeros(len(section), bool)
+    for i, round_ in enumerate(predicted_blocks(len(section), block_size)):
+        end = (round_ - lag) * block_size  # siblings' blocks of rounds <= r - Δ
+        if end <= 0:
+            continue
+        shown = [list(s[:end]) for j, s in enumerate(sections) if j != reader and s[:end]]
+        visible[i] = bool(shown)
+        pairs = {(a, b) for s in shown for a, b in zip(s, s[1:])}
+        copied[i] = i > 0 and (section[i - 1], section[i]) in pairs
+    return visible, copied
+
+
+def score_teachers(teacher, prompt, plan, sections, donor, block_size: int, lag: int, batch_rows: int) -> list[dict]:
+    """Per-token KLs of every section of one prompt: ``[{section, round, visible, copied, kl_*}]`` (numpy arrays).
+
+    ``donor`` is another prompt's ``[K]`` sections, whose text fills the sibling slots of teacher (d).
+    """
     tok = teacher.tokenizer
+    nbs = [num_blocks(len(s), block_size) for s in sections]
+    texts = [tok.decode(s, skip_special_tokens=True) for s in sections]
+    contexts = {
+        "serial": [[render_ids(tok, serial_message(prompt, plan, k, texts[:k]))] * nb for k, nb in enumerate(nbs)],
+        "lag": round_contexts(tok, prompt, plan, sections, lag, block_size),
+        "iso": [[render_ids(tok, stream_message(prompt, plan, item))] * nb for item, nb in zip(plan, nbs)],
+        "donor": donor_contexts(tok, prompt, plan, sections, donor, lag, block_size),
+    }
+    targets = [list(s) for s in sections]
+    logp = {name: teacher.round_logprobs(ctxs, targets, block_size, batch_rows) for name, ctxs in contexts.items()}
     records = []
-    for i, (prompt, plan, secs) in enumerate(zip(prompts, plans, sections)):
-        nbs = [num_blocks(len(s), block_size) for s in secs]
-        texts = [tok.decode(s, skip_special_tokens=True) for s in secs]
-        serial = [[render_ids(tok, serial_message(prompt, plan, k, texts[:k]))] * nb for k, nb in enumerate(nbs)]
-        isolated = [[render_ids(tok, stream_message(prompt, plan, item))] * nb for item, nb in zip(plan, nbs)]
-        lagged = round_contexts(tok, prompt, plan, secs, lag, block_size)
-        logp = {}
-        for name, ctxs in (("serial", serial), ("lag", lagged), ("iso", isolated)):
-            logp[name] = teacher.round_logprobs(ctxs, [list(s) for s in secs], block_size, batch_rows)
-        for k, sec in enumerate(secs):
-            if not sec:
-                continue
-            a, b, c = logp["serial"][k], logp["lag"][k], logp["iso"][k]
-            records.append(
-                {
-                    "prompt": i,
-                    "section": k,
-                    "round": np.array(predicted_blocks(len(sec), block_size)),
-                    "kl_lag_iso": _kl(b, c),
-                    "kl_serial_iso": _kl(a, c),
-                    "kl_serial_lag": _kl(a, b),
-                }
-            )
+    for k, sec in enumerate(sections):
+        if not sec:
+            continue
+        a, b, c, d = (logp[name][k] for name in ("serial", "lag", "iso", "donor"))
+        visible, copied = copy_flags(sections, k, block_size, lag)
+        records.append(
+            {
+                "section": k,
+                "round": np.array(predicted_blocks(len(sec), block_size)),
+                "visible": visible,
+                "copied": copied,
+                "kl_lag_iso": _kl(b, c),
+                "kl_lag_donor": _kl(b, d),
+                "kl_serial_iso": _kl(a, c),
+                "kl_serial_lag": _kl(a, b),
+            }
+        )
     return records
 
 
@@ -103,40 +156,80 @@ def _cell(records: list[dict], name: str, keep, seed: int) -> dict[str, Any] | N
     return {"mean": mean, "low": low, "high": high, "prompts": len(values), "tokens": tokens}
 
 
+def _share(records: list[dict], top: str, keep, seed: int) -> dict[str, Any] | None:
+    """Sum of ``top`` over the kept tokens / sum of the reachable gain over all tokens, 95% bootstrap over prompts."""
+    sums: dict[int, list[float]] = {}
+    for rec in records:
+        pair = sums.setdefault(rec["prompt"], [0.0, 0.0])
+        pair[0] += float(rec[top][keep(rec)].sum())
+        pair[1] += float(rec["kl_lag_iso"].sum())
+    numerator, denominator = (np.array([p[i] for p in sums.values()]) for i in (0, 1))
+    if denominator.sum() <= 0:
+        return None
+    share, low, high = ratio_ci(numerator, denominator, seed=seed)
+    return {"mean": share, "low": low, "high": high, "prompts": len(sums)}
+
+
 def summarize(records: list[dict], seed: int = 0) -> dict[str, Any]:
-    """``{"all": {kl: cell}, "by_section": {k: ...}, "by_round": {r: ...}}`` (cells as in :func:`_cell`)."""
+    """Cells (as in :func:`_cell`) per section, round, copying and overall, and the shares of the reachable gain.
+
+    ``by_copy``: tokens that read some sibling text, split into those continuing a bigram of it and the rest.
+    ``shares``: of the reachable gain's mass (sum of KL(lag ‖ isolated)), the content-specific KL's mass
+    (``content``) and the part on copying tokens (``copied``); ratios of sums over tokens, CIs over prompts.
+    """
     sections = sorted({r["section"] for r in records})
     rounds = sorted({int(x) for r in records for x in r["round"]})
 
     def cells(keep) -> dict:
         return {name: _cell(records, name, keep, seed) for name in KL_NAMES}
 
+    def every(rec):
+        return np.ones_like(rec["round"], dtype=bool)
+
     return {
-        "all": cells(lambda r: np.ones_like(r["round"], dtype=bool)),
+        "all": cells(every),
         "by_section": {
             str(k): cells(lambda r, k=k: np.full_like(r["round"], r["section"] == k, dtype=bool)) for k in sections
         },
         "by_round": {str(t): cells(lambda r, t=t: r["round"] == t) for t in rounds},
+        "by_copy": {
+            "visible": cells(lambda r: r["visible"]),
+            "copied": cells(lambda r: r["copied"]),
+            "not copied": cells(lambda r: r["visible"] & ~r["copied"]),
+        },
+        "shares": {
+            "content": _share(records, "kl_lag_donor", every, seed),
+            "copied": _share(records, "kl_lag_iso", lambda r: r["copied"], seed),
+        },
     }
 
 
 def measure_ceiling(
     recipe, split: str = "validation", writer: str = "serial", limit: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Write the split's sections with ``writer`` and score them under the three teachers; JSON-ready result."""
+    """Write the split's sections with ``writer`` and score them under the four teachers; JSON-ready result.
+
+    The donor of prompt i is prompt i + 1 of the split (the last one's is the first), so the split needs at least
+    two prompts.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {list(SPLITS)}.")
     if writer not in ("serial", "lag"):
         raise ValueError(f"writer={writer!r}; use 'serial' (today's data) or 'lag' (the lag teacher's sections).")
     cfg = recipe.data.build
     prompts = split_prompts(load_prompts(cfg), cfg)[split][:limit]
-    if not prompts:
-        raise ValueError(f"split {split!r} has no prompts; raise data.build.max_prompts.{split}.")
+    if len(prompts) < 2:
+        raise ValueError(
+            f"split {split!r} has {len(prompts)} prompt(s) here; the donor teacher reads another prompt's sections, "
+            f"so pass --limit >= 2 and raise data.build.max_prompts.{split} if needed."
+        )
     teacher, _, name, pdt = load_teacher(recipe)
     lag, block = check_lag(pdt.note_lag), pdt.block_size
-    records, plans_out, start = [], [], time.perf_counter()
-    bar = tqdm(total=len(prompts), desc=f"pdt data ceiling ({writer} sections)", unit="prompt", disable=not progress)
-    for first in range(0, len(prompts), cfg.batch_size):
+    plans_out, sections_out, start = [], [], time.perf_counter()
+    bar = tqdm(
+        total=2 * len(prompts), desc=f"pdt data ceiling ({writer} sections)", unit="prompt", disable=not progress
+    )
+    for first in range(0, len(prompts), cfg.batch_size):  # write every prompt's sections, then score
         batch = prompts[first : first + cfg.batch_size]
         seed = cfg.seed * 1_000_003 + SPLITS.index(split) * 10_007 + first
         plans, _ = write_plans(batch, teacher, pdt.num_streams, cfg, seed)
@@ -144,13 +237,15 @@ def measure_ceiling(
             sections, _ = write_serial(batch, plans, teacher, cfg, seed)
         else:
             sections, _ = write_lag(batch, plans, teacher, cfg, block, lag, seed)
-        for j in range(len(batch)):  # one prompt at a time: 3 x K x [S, V] log-probs
-            recs = score_three(teacher, batch[j : j + 1], plans[j : j + 1], sections[j : j + 1], block, lag, 16)
-            for rec in recs:
-                rec["prompt"] += first + j
-            records += recs
-            bar.update()
         plans_out += plans
+        sections_out += sections
+        bar.update(len(batch))
+    records = []
+    for i, (prompt, plan, sections) in enumerate(zip(prompts, plans_out, sections_out)):  # 4 x K x [S, V] at once
+        donor = sections_out[(i + 1) % len(prompts)]
+        for rec in score_teachers(teacher, prompt, plan, sections, donor, block, lag, 16):
+            records.append({"prompt": i, **rec})
+        bar.update()
     bar.close()
     return {
         "teacher": cfg.teacher or name,
@@ -174,7 +269,7 @@ def _fmt(cell: dict | None) -> str:
 
 
 def ceiling_markdown(result: dict) -> str:
-    """Three-teacher table: one row per section index, per round, and all; cells ``mean [95% CI]``."""
+    """Teacher table: one row per section index, round, copying group and all (``mean [95% CI]``), then the shares."""
     s = result["summary"]
     lines = [
         f"Teacher {result['teacher']}, {result['num_prompts']} {result['split']} prompts, sections written by the "
@@ -191,12 +286,28 @@ def ceiling_markdown(result: dict) -> str:
 
     lines += [row(f"section {int(k) + 1}", c) for k, c in s["by_section"].items()]
     lines += [row(f"round {r}", c) for r, c in s["by_round"].items()]
+    copy_labels = {
+        "visible": "tokens reading sibling text",
+        "copied": "of them, continuing a sibling bigram",
+        "not copied": "of them, not",
+    }
+    lines += [row(copy_labels[g], c) for g, c in s["by_copy"].items()]
     lines.append(row("**all**", s["all"]))
+    share_labels = {
+        "content": "content-specific gain (sum of KL(lag ‖ donor))",
+        "copied": "reachable gain on tokens continuing a sibling bigram",
+    }
+    lines += [
+        "",
+        "Shares of the reachable gain's mass (sum of KL(lag ‖ isolated) over all tokens), 95% CI over prompts:",
+        "",
+    ]
+    lines += [f"- {share_labels[g]}: {_fmt(c)}" for g, c in s["shares"].items()]
     return "\n".join(lines) + "\n"
 
 
 def plot_ceiling(result: dict, path: str) -> str:
-    """Two panels (by section index, by round): the three KLs with 95% CI error bars; writes ``path`` (PNG)."""
+    """Two panels (by section index, by round): the KLs with 95% CI error bars; writes ``path`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +324,7 @@ def plot_ceiling(result: dict, path: str) -> str:
             cells = [groups[g][name] for g in groups]
             mean = np.array([c["mean"] if c else np.nan for c in cells])
             err = np.array([[c["mean"] - c["low"], c["high"] - c["mean"]] if c else [0, 0] for c in cells]).T
-            axis.bar(x + (n - 1) * width, mean, width, yerr=err, capsize=3, label=KL_NAMES[name])
+            axis.bar(x + (n - (len(KL_NAMES) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=KL_NAMES[name])
         ticks = [str(int(g) + 1) if key == "by_section" else g for g in groups]
         axis.set(xticks=x, xticklabels=ticks, xlabel=label, ylabel="nats/token")
     axes[0].legend(fontsize=7)

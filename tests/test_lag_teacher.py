@@ -232,7 +232,7 @@ def test_donor_contexts_change_only_the_sibling_text() -> None:
     assert contexts[1][2] == render_ids(tok, lag_message(PROMPT, PLAN, 1, [(0, "ZZZZ"), (2, "XXXXXX")]))
 
 
-def test_ceiling_measures_four_teachers_on_the_same_tokens(lag_data, tmp_path) -> None:
+def test_ceiling_measures_five_teachers_on_the_same_tokens(lag_data, tmp_path) -> None:
     _, _, overrides, recipe = lag_data
     result = measure_ceiling(recipe, "validation", "serial", limit=3, progress=False)
     tokens = result["tokens"]
@@ -244,6 +244,7 @@ def test_ceiling_measures_four_teachers_on_the_same_tokens(lag_data, tmp_path) -
         for i, r in enumerate(rounds):
             if r == 1:  # lag 1: round 1 is isolated, so (b) = (c) = (d) and KL(a||b) = KL(a||c)
                 assert rec["kl_lag_iso"][i] < 1e-5 and rec["kl_lag_donor"][i] < 1e-5
+                assert rec["kl_lag_resampled"][i] < 1e-5
                 assert rec["kl_serial_lag"][i] == pytest.approx(rec["kl_serial_iso"][i], abs=1e-5)
                 assert not rec["visible"][i] and not rec["copied"][i]
             if rec["section"] == 0:  # the serial context of section 1 is its stream message
@@ -262,6 +263,8 @@ def test_ceiling_measures_four_teachers_on_the_same_tokens(lag_data, tmp_path) -
     content = summary["shares"]["content"]
     assert content["mean"] == pytest.approx(sum(sum(t["kl_lag_donor"]) for t in tokens) / lag_mass)
     assert content["low"] <= content["mean"] <= content["high"]
+    resampled = sum(sum(t["kl_lag_resampled"]) for t in tokens)
+    assert resampled > 0 and summary["shares"]["realisation"]["mean"] == pytest.approx(resampled / lag_mass)
     copied_mass = sum(v for t in tokens for v, c in zip(t["kl_lag_iso"], t["copied"]) if c)
     assert summary["shares"]["copied"]["mean"] == pytest.approx(copied_mass / lag_mass)
 
@@ -285,6 +288,8 @@ def test_pdt_data_ceiling_cli_writes_json_markdown_and_png(lag_data, tmp_path) -
     assert "| section 1 |" in markdown and "| round 1 |" in markdown and "| **all** |" in markdown
     assert "KL(lag ‖ donor)" in markdown and "| of them, continuing a sibling bigram |" in markdown
     assert "- content-specific gain (sum of KL(lag ‖ donor)):" in markdown
+    assert "- realisation-specific gain (sum of KL(lag ‖ resampled)):" in markdown
+    assert result["resampling"] == {"temperature": 0.7, "top_p": 0.9, "seed_offset": 7919}
     assert (out / "ceiling-validation-lag.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,6 +1,6 @@
 """``pdt data ceiling``: how much of the teacher's sibling dependence a parallel stream could reach through notes.
 
-For every block of every section of a split's prompts, four teacher distributions over the **same** section
+For every block of every section of a split's prompts, five teacher distributions over the **same** section
 tokens (the teacher is the recipe's: the trunk or ``data.build.teacher``):
 
 - (a) *serial*: section k read after the prompt, the plan and the whole of sections 0..k-1 (``serial_message``);
@@ -8,20 +8,24 @@ tokens (the teacher is the recipe's: the trunk or ``data.build.teacher``):
   text (``generation.text_bus``), the stream's own earlier blocks as the assistant's text so far;
 - (c) *isolated*: the student's stream message alone (no sibling content);
 - (d) *donor*: (b)'s layout and headings, with the sibling text taken from another prompt of the split (the
-  next one, cyclically) at the same lag: the teacher-side twin of the student's shuffled notes.
+  next one, cyclically) at the same lag: the teacher-side twin of the student's shuffled notes;
+- (e) *resampled*: the same, with the sibling text of a second writing of the same prompt and plan by the same
+  writer, sampled (``data.build.temperature`` / ``top_p``, another seed): other siblings the prompt allows.
 
 Reported per section index, per round, by copying and overall: KL(b ‖ c), the *reachable gain* (what sibling
 content a stream can see at that lag changes in the teacher); KL(b ‖ d), its *content-specific* part (what the
 siblings' actual text changes beyond the layout and the presence of some sibling text, which a stream adapter
-can learn without reading anything); KL(a ‖ c), the serial teacher's sibling dependence (what the ``serial``
-data set's ``sibling_dependence`` approximates over top-k buckets); KL(a ‖ b), the part of the serial target no
-stream can reach. KLs are exact over the full vocabulary, nats per token. *Copying*: a token whose bigram with
+can learn without reading anything); KL(b ‖ e), its *realisation-specific* part (what the siblings' text
+changes beyond what the prompt and plan already say about it: what only a note, not the prompt, can tell a
+stream); KL(a ‖ c), the serial teacher's sibling dependence (what the ``serial`` data set's
+``sibling_dependence`` approximates over top-k buckets); KL(a ‖ b), the part of the serial target no stream can
+reach. KLs are exact over the full vocabulary, nats per token. *Copying*: a token whose bigram with
 the previous section token occurs in the sibling text it reads in (b) continues that text; the split shows how
 much of the reachable gain is such copying, which a pooled block note cannot carry token by token.
 
 Design decisions:
 - The sections come from one writer (``--writer serial``: the serial teacher, today's data; ``lag``: the lag
-  teacher), with the plans the teacher writes for ``pdt data build``, so all four distributions score the same
+  teacher), with the plans the teacher writes for ``pdt data build``, so all five distributions score the same
   tokens.
 - Statistics: a prompt's value in a cell (section k, round r, or all) is the mean over its tokens there; the table
   shows the mean over prompts with a 95% percentile-bootstrap interval over prompts (``evaluation.stats``).
@@ -32,6 +36,7 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import time
@@ -52,6 +57,7 @@ from .sources import load_prompts, split_prompts
 
 __all__ = [
     "KL_NAMES",
+    "RESAMPLE_SEED_OFFSET",
     "ceiling_markdown",
     "copy_flags",
     "donor_contexts",
@@ -62,9 +68,13 @@ __all__ = [
     "summarize",
 ]
 
+RESAMPLE_SEED_OFFSET = 7919
+"""Added to a batch's writing seed for its resampled sections (teacher (e))."""
+
 KL_NAMES = {
     "kl_lag_iso": "KL(lag ‖ isolated): reachable gain",
     "kl_lag_donor": "KL(lag ‖ donor): content-specific gain",
+    "kl_lag_resampled": "KL(lag ‖ resampled): realisation-specific gain",
     "kl_serial_iso": "KL(serial ‖ isolated): serial sibling dependence",
     "kl_serial_lag": "KL(serial ‖ lag): unreachable part",
 }
@@ -104,10 +114,13 @@ def copy_flags(sections, reader: int, block_size: int, lag: int) -> tuple[np.nda
     return visible, copied
 
 
-def score_teachers(teacher, prompt, plan, sections, donor, block_size: int, lag: int, batch_rows: int) -> list[dict]:
+def score_teachers(
+    teacher, prompt, plan, sections, donor, resampled, block_size: int, lag: int, batch_rows: int
+) -> list[dict]:
     """Per-token KLs of every section of one prompt: ``[{section, round, visible, copied, kl_*}]`` (numpy arrays).
 
-    ``donor`` is another prompt's ``[K]`` sections, whose text fills the sibling slots of teacher (d).
+    ``donor`` (another prompt's) and ``resampled`` (this prompt's, written again) are ``[K]`` sections whose text
+    fills the sibling slots of teachers (d) and (e).
     """
     tok = teacher.tokenizer
     nbs = [num_blocks(len(s), block_size) for s in sections]
@@ -117,6 +130,7 @@ def score_teachers(teacher, prompt, plan, sections, donor, block_size: int, lag:
         "lag": round_contexts(tok, prompt, plan, sections, lag, block_size),
         "iso": [[render_ids(tok, stream_message(prompt, plan, item))] * nb for item, nb in zip(plan, nbs)],
         "donor": donor_contexts(tok, prompt, plan, sections, donor, lag, block_size),
+        "resampled": donor_contexts(tok, prompt, plan, sections, resampled, lag, block_size),
     }
     targets = [list(s) for s in sections]
     logp = {name: teacher.round_logprobs(ctxs, targets, block_size, batch_rows) for name, ctxs in contexts.items()}
@@ -124,7 +138,7 @@ def score_teachers(teacher, prompt, plan, sections, donor, block_size: int, lag:
     for k, sec in enumerate(sections):
         if not sec:
             continue
-        a, b, c, d = (logp[name][k] for name in ("serial", "lag", "iso", "donor"))
+        a, b, c, d, e = (logp[name][k] for name in ("serial", "lag", "iso", "donor", "resampled"))
         visible, copied = copy_flags(sections, k, block_size, lag)
         records.append(
             {
@@ -134,6 +148,7 @@ def score_teachers(teacher, prompt, plan, sections, donor, block_size: int, lag:
                 "copied": copied,
                 "kl_lag_iso": _kl(b, c),
                 "kl_lag_donor": _kl(b, d),
+                "kl_lag_resampled": _kl(b, e),
                 "kl_serial_iso": _kl(a, c),
                 "kl_serial_lag": _kl(a, b),
             }
@@ -174,8 +189,9 @@ def summarize(records: list[dict], seed: int = 0) -> dict[str, Any]:
     """Cells (as in :func:`_cell`) per section, round, copying and overall, and the shares of the reachable gain.
 
     ``by_copy``: tokens that read some sibling text, split into those continuing a bigram of it and the rest.
-    ``shares``: of the reachable gain's mass (sum of KL(lag ‖ isolated)), the content-specific KL's mass
-    (``content``) and the part on copying tokens (``copied``); ratios of sums over tokens, CIs over prompts.
+    ``shares``: of the reachable gain's mass (sum of KL(lag ‖ isolated)), the content-specific and the
+    realisation-specific KLs' masses (``content``, ``realisation``) and the part on copying tokens (``copied``);
+    ratios of sums over tokens, CIs over prompts.
     """
     sections = sorted({r["section"] for r in records})
     rounds = sorted({int(x) for r in records for x in r["round"]})
@@ -199,6 +215,7 @@ def summarize(records: list[dict], seed: int = 0) -> dict[str, Any]:
         },
         "shares": {
             "content": _share(records, "kl_lag_donor", every, seed),
+            "realisation": _share(records, "kl_lag_resampled", every, seed),
             "copied": _share(records, "kl_lag_iso", lambda r: r["copied"], seed),
         },
     }
@@ -207,10 +224,10 @@ def summarize(records: list[dict], seed: int = 0) -> dict[str, Any]:
 def measure_ceiling(
     recipe, split: str = "validation", writer: str = "serial", limit: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Write the split's sections with ``writer`` and score them under the four teachers; JSON-ready result.
+    """Write the split's sections with ``writer`` and score them under the five teachers; JSON-ready result.
 
     The donor of prompt i is prompt i + 1 of the split (the last one's is the first), so the split needs at least
-    two prompts.
+    two prompts. Its resampled siblings are the same writer's sections written again with sampling.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {list(SPLITS)}.")
@@ -225,7 +242,8 @@ def measure_ceiling(
         )
     teacher, _, name, pdt = load_teacher(recipe)
     lag, block = check_lag(pdt.note_lag), pdt.block_size
-    plans_out, sections_out, start = [], [], time.perf_counter()
+    plans_out, sections_out, resampled_out, start = [], [], [], time.perf_counter()
+    sampled = dataclasses.replace(cfg, do_sample=True)
     bar = tqdm(
         total=2 * len(prompts), desc=f"pdt data ceiling ({writer} sections)", unit="prompt", disable=not progress
     )
@@ -233,17 +251,18 @@ def measure_ceiling(
         batch = prompts[first : first + cfg.batch_size]
         seed = cfg.seed * 1_000_003 + SPLITS.index(split) * 10_007 + first
         plans, _ = write_plans(batch, teacher, pdt.num_streams, cfg, seed)
-        if writer == "serial":
-            sections, _ = write_serial(batch, plans, teacher, cfg, seed)
-        else:
-            sections, _ = write_lag(batch, plans, teacher, cfg, block, lag, seed)
+        for settings, out, offset in ((cfg, sections_out, 0), (sampled, resampled_out, RESAMPLE_SEED_OFFSET)):
+            if writer == "serial":
+                sections, _ = write_serial(batch, plans, teacher, settings, seed + offset)
+            else:
+                sections, _ = write_lag(batch, plans, teacher, settings, block, lag, seed + offset)
+            out += sections
         plans_out += plans
-        sections_out += sections
         bar.update(len(batch))
     records = []
-    for i, (prompt, plan, sections) in enumerate(zip(prompts, plans_out, sections_out)):  # 4 x K x [S, V] at once
+    for i, (prompt, plan, sections) in enumerate(zip(prompts, plans_out, sections_out)):  # 5 x K x [S, V] at once
         donor = sections_out[(i + 1) % len(prompts)]
-        for rec in score_teachers(teacher, prompt, plan, sections, donor, block, lag, 16):
+        for rec in score_teachers(teacher, prompt, plan, sections, donor, resampled_out[i], block, lag, 16):
             records.append({"prompt": i, **rec})
         bar.update()
     bar.close()
@@ -257,6 +276,7 @@ def measure_ceiling(
         "note_lag": lag,
         "section_max_tokens": cfg.section_max_tokens,
         "seconds": time.perf_counter() - start,
+        "resampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed_offset": RESAMPLE_SEED_OFFSET},
         "summary": summarize(records, seed=cfg.seed),
         "kl_names": KL_NAMES,
         "plans": plans_out,
@@ -295,6 +315,7 @@ def ceiling_markdown(result: dict) -> str:
     lines.append(row("**all**", s["all"]))
     share_labels = {
         "content": "content-specific gain (sum of KL(lag ‖ donor))",
+        "realisation": "realisation-specific gain (sum of KL(lag ‖ resampled))",
         "copied": "reachable gain on tokens continuing a sibling bigram",
     }
     lines += [

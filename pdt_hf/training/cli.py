@@ -66,9 +66,11 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     synthesis.set_defaults(func=_synthesis)
     ceiling = sub.add_parser(
         "ceiling",
-        help="three teachers (serial, lag-consistent, isolated) on the same sections: the reachable gain of notes",
-        description="Writes the split's sections with the recipe's teacher and reports KL(lag||isolated), "
-        "KL(serial||isolated) and KL(serial||lag) per section index and per round (JSON, markdown, PNG).",
+        help="five teachers on the same sections: the reachable gain of notes and its parts",
+        description="Writes the split's sections with the recipe's teacher (and again with sampling) and reports "
+        "KL(lag||isolated), KL(lag||donor), KL(lag||resampled), KL(serial||isolated) and KL(serial||lag) per "
+        "section index, per round and by copying, with the parts' shares of the reachable gain (JSON, markdown, "
+        "PNG). The split needs at least two prompts (the donor is the next one).",
     )
     ceiling.add_argument("--config", required=True, help="recipe YAML file, e.g. recipes/configs/smollm2-135m.yaml")
     ceiling.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.build.max_prompts.validation=32")

@@ -31,7 +31,7 @@ from pdt_hf.generation.text_bus import (
 )
 from pdt_hf.training.config import load_recipe
 from pdt_hf.training.data.builder import build_dataset
-from pdt_hf.training.data.ceiling import copy_flags, donor_contexts, measure_ceiling
+from pdt_hf.training.data.ceiling import copy_flags, donor_contexts, measure_ceiling, sibling_similarity
 from pdt_hf.training.data.schema import DatasetMismatchError, check_compatible, load_manifest, load_split
 from pdt_hf.training.data.teacher import round_segments
 from pdt_hf.training.loading import load_trunk_and_tokenizer
@@ -232,6 +232,17 @@ def test_donor_contexts_change_only_the_sibling_text() -> None:
     assert contexts[1][2] == render_ids(tok, lag_message(PROMPT, PLAN, 1, [(0, "ZZZZ"), (2, "XXXXXX")]))
 
 
+def test_sibling_similarity_compares_each_section_with_its_stand_ins() -> None:
+    texts = [["The cat sat on the mat.", "Dogs bark loudly at night."], ["Stock markets fell today.", ""]]
+    resampled = [["The cat sat on the mat.", "Dogs bark loudly at night."], ["Shares dropped sharply.", "Rates."]]
+    sim = sibling_similarity(texts, resampled)
+    assert sim["identical"] == 2 and sim["sections"] == 4
+    assert sim["resampled"]["prompts"] == 2 and sim["donor"]["prompts"] == 2  # the empty section is skipped
+    assert 0.5 < sim["resampled"]["mean"] < 1.0  # prompt 0: 1.0; prompt 1: a paraphrase
+    assert sim["donor"]["mean"] < sim["resampled"]["mean"]  # another prompt's sections mean something else
+    assert sim["donor"]["low"] <= sim["donor"]["mean"] <= sim["donor"]["high"]
+
+
 def test_ceiling_measures_five_teachers_on_the_same_tokens(lag_data, tmp_path) -> None:
     _, _, overrides, recipe = lag_data
     result = measure_ceiling(recipe, "validation", "serial", limit=3, progress=False)
@@ -290,6 +301,8 @@ def test_pdt_data_ceiling_cli_writes_json_markdown_and_png(lag_data, tmp_path) -
     assert "- content-specific gain (sum of KL(lag ‖ donor)):" in markdown
     assert "- realisation-specific gain (sum of KL(lag ‖ resampled)):" in markdown
     assert result["resampling"] == {"temperature": 0.7, "top_p": 0.9, "seed_offset": 7919}
+    assert len(result["texts"]) == 2 and set(result["texts"][0]) == {"sections", "resampled"}
+    assert "- the resampled section (teacher (e)):" in markdown and result["similarity"]["sections"] == 4
     assert (out / "ceiling-validation-lag.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

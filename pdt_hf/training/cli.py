@@ -78,6 +78,11 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     ceiling.add_argument("--writer", default="serial", choices=["serial", "lag"], help="which teacher writes sections")
     ceiling.add_argument("--limit", type=int, default=None, help="first N prompts of the split (default: all)")
     ceiling.add_argument("--out", default=None, help="output folder (default outputs/ceiling/<recipe name>)")
+    ceiling.add_argument(
+        "--encoder",
+        default=None,
+        help="sentence-transformers model comparing sibling texts (default: embedded MiniLM)",
+    )
     ceiling.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ceiling.set_defaults(func=_ceiling)
     return data

@@ -65,6 +65,7 @@ __all__ = [
     "plot_ceiling",
     "run_ceiling_command",
     "score_teachers",
+    "sibling_similarity",
     "summarize",
 ]
 
@@ -221,13 +222,48 @@ def summarize(records: list[dict], seed: int = 0) -> dict[str, Any]:
     }
 
 
+def sibling_similarity(texts: list[list[str]], resampled: list[list[str]], encoder=None, seed: int = 0) -> dict:
+    """How alike the sibling texts of teachers (b), (d) and (e) are, in meaning (sentence-embedding cosine).
+
+    ``texts[i][k]``: section k of prompt i; ``resampled[i][k]``: its resampled writing. For every section, the
+    cosine with its resampled text (what (e) shows instead) and with section k of prompt i + 1 (what (d) shows
+    instead). A prompt's value is the mean over its sections with text on both sides; cells are means over
+    prompts with a 95% bootstrap interval. ``identical`` counts resampled sections equal to the originals.
+    """
+    from ...evaluation.embeddings import load_sentence_encoder
+
+    n, width = len(texts), len(texts[0])
+    donor = [texts[(i + 1) % n] for i in range(n)]
+    flat = [t for rows in (texts, resampled, donor) for row in rows for t in row]
+    vectors = load_sentence_encoder(encoder).encode(flat, normalize_embeddings=True, convert_to_numpy=True)
+    ours, theirs = vectors[: n * width].reshape(n, width, -1), vectors[n * width :].reshape(2, n, width, -1)
+    out: dict[str, Any] = {}
+    for name, others, other_texts in (("resampled", theirs[0], resampled), ("donor", theirs[1], donor)):
+        values = []
+        for i in range(n):
+            keep = [k for k in range(width) if texts[i][k] and other_texts[i][k]]
+            if keep:
+                values.append(float(np.mean([ours[i, k] @ others[i, k] for k in keep])))
+        mean, low, high = bootstrap_ci(values, seed=seed) if values else (float("nan"),) * 3
+        out[name] = {"mean": mean, "low": low, "high": high, "prompts": len(values)}
+    out["identical"] = sum(a == b for row, other in zip(texts, resampled) for a, b in zip(row, other))
+    out["sections"] = n * width
+    return out
+
+
 def measure_ceiling(
-    recipe, split: str = "validation", writer: str = "serial", limit: int | None = None, progress: bool = True
+    recipe,
+    split: str = "validation",
+    writer: str = "serial",
+    limit: int | None = None,
+    progress: bool = True,
+    encoder: str | None = None,
 ) -> dict[str, Any]:
     """Write the split's sections with ``writer`` and score them under the five teachers; JSON-ready result.
 
     The donor of prompt i is prompt i + 1 of the split (the last one's is the first), so the split needs at least
-    two prompts. Its resampled siblings are the same writer's sections written again with sampling.
+    two prompts. Its resampled siblings are the same writer's sections written again with sampling. ``encoder``
+    (a sentence-transformers model; default the embedded all-MiniLM-L6-v2) compares the sibling texts.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {list(SPLITS)}.")
@@ -266,6 +302,9 @@ def measure_ceiling(
             records.append({"prompt": i, **rec})
         bar.update()
     bar.close()
+    tok = teacher.tokenizer
+    texts = [[tok.decode(s, skip_special_tokens=True).strip() for s in row] for row in sections_out]
+    resampled_texts = [[tok.decode(s, skip_special_tokens=True).strip() for s in row] for row in resampled_out]
     return {
         "teacher": cfg.teacher or name,
         "split": split,
@@ -278,8 +317,10 @@ def measure_ceiling(
         "seconds": time.perf_counter() - start,
         "resampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed_offset": RESAMPLE_SEED_OFFSET},
         "summary": summarize(records, seed=cfg.seed),
+        "similarity": sibling_similarity(texts, resampled_texts, encoder, seed=cfg.seed),
         "kl_names": KL_NAMES,
         "plans": plans_out,
+        "texts": [{"sections": a, "resampled": b} for a, b in zip(texts, resampled_texts)],
         "tokens": [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in records],
     }
 
@@ -324,6 +365,15 @@ def ceiling_markdown(result: dict) -> str:
         "",
     ]
     lines += [f"- {share_labels[g]}: {_fmt(c)}" for g, c in s["shares"].items()]
+    sim = result["similarity"]
+    lines += [
+        "",
+        "Sibling text in meaning (sentence-embedding cosine of a section with its stand-in, mean over prompts):",
+        "",
+        f"- the resampled section (teacher (e)): {_fmt(sim['resampled'])}; "
+        f"{sim['identical']} of {sim['sections']} identical to the original",
+        f"- the donor prompt's section (teacher (d)): {_fmt(sim['donor'])}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -363,9 +413,12 @@ def run_ceiling_command(args: argparse.Namespace) -> int:
     from ..config import load_recipe
 
     recipe = load_recipe(args.config, args.overrides)
-    result = measure_ceiling(recipe, args.split, args.writer, args.limit, progress=not args.no_progress)
+    result = measure_ceiling(
+        recipe, args.split, args.writer, args.limit, progress=not args.no_progress, encoder=args.encoder
+    )
     words = ["pdt", "data", "ceiling", "--config", args.config, "--split", args.split, "--writer", args.writer]
     words += ["--limit", str(args.limit)] if args.limit is not None else []
+    words += ["--encoder", args.encoder] if args.encoder is not None else []
     result["command"] = shlex.join(words + list(args.overrides))
     out = args.out or os.path.join("outputs", "ceiling", os.path.splitext(os.path.basename(args.config))[0])
     os.makedirs(out, exist_ok=True)

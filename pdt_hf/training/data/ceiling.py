@@ -90,7 +90,7 @@ def donor_contexts(tokenizer, prompt, plan, sections, donor, lag: int, block_siz
     """``[K][nb_k]`` stream k's lag-layout contexts, every sibling's text taken from ``donor`` (``[K]`` token lists).
 
     Same headings, same lag, same visibility rule as :func:`generation.text_bus.round_contexts`; only the sibling
-    content is another prompt's, so (b) against (d) isolates what the content itself changes.
+    content is ``donor``'s (another prompt's for teacher (d), another writing of this prompt's for (e)).
     """
     out = []
     for k, own in enumerate(sections):
@@ -228,7 +228,7 @@ def sibling_similarity(texts: list[list[str]], resampled: list[list[str]], encod
     ``texts[i][k]``: section k of prompt i; ``resampled[i][k]``: its resampled writing. For every section, the
     cosine with its resampled text (what (e) shows instead) and with section k of prompt i + 1 (what (d) shows
     instead). A prompt's value is the mean over its sections with text on both sides; cells are means over
-    prompts with a 95% bootstrap interval. ``identical`` counts resampled sections equal to the originals.
+    prompts with a 95% bootstrap interval. ``identical`` counts non-empty resampled sections equal to the originals.
     """
     from ...evaluation.embeddings import load_sentence_encoder
 
@@ -246,7 +246,7 @@ def sibling_similarity(texts: list[list[str]], resampled: list[list[str]], encod
                 values.append(float(np.mean([ours[i, k] @ others[i, k] for k in keep])))
         mean, low, high = bootstrap_ci(values, seed=seed) if values else (float("nan"),) * 3
         out[name] = {"mean": mean, "low": low, "high": high, "prompts": len(values)}
-    out["identical"] = sum(a == b for row, other in zip(texts, resampled) for a, b in zip(row, other))
+    out["identical"] = sum(bool(a) and a == b for row, other in zip(texts, resampled) for a, b in zip(row, other))
     out["sections"] = n * width
     return out
 

@@ -234,11 +234,11 @@ def sibling_similarity(texts: list[list[str]], resampled: list[list[str]], encod
 
     n, width = len(texts), len(texts[0])
     donor = [texts[(i + 1) % n] for i in range(n)]
-    flat = [t for rows in (texts, resampled, donor) for row in rows for t in row]
+    flat = [t for rows in (texts, resampled) for row in rows for t in row]
     vectors = load_sentence_encoder(encoder).encode(flat, normalize_embeddings=True, convert_to_numpy=True)
-    ours, theirs = vectors[: n * width].reshape(n, width, -1), vectors[n * width :].reshape(2, n, width, -1)
+    ours, theirs = vectors.reshape(2, n, width, -1)
     out: dict[str, Any] = {}
-    for name, others, other_texts in (("resampled", theirs[0], resampled), ("donor", theirs[1], donor)):
+    for name, others, other_texts in (("resampled", theirs, resampled), ("donor", np.roll(ours, -1, 0), donor)):
         values = []
         for i in range(n):
             keep = [k for k in range(width) if texts[i][k] and other_texts[i][k]]
@@ -302,9 +302,10 @@ def measure_ceiling(
             records.append({"prompt": i, **rec})
         bar.update()
     bar.close()
-    tok = teacher.tokenizer
-    texts = [[tok.decode(s, skip_special_tokens=True).strip() for s in row] for row in sections_out]
-    resampled_texts = [[tok.decode(s, skip_special_tokens=True).strip() for s in row] for row in resampled_out]
+    texts, resampled_texts = (
+        [[teacher.tokenizer.decode(s, skip_special_tokens=True).strip() for s in row] for row in written]
+        for written in (sections_out, resampled_out)
+    )
     return {
         "teacher": cfg.teacher or name,
         "split": split,
